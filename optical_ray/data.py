@@ -1,0 +1,185 @@
+"""Caption tables and the bitext built from them.
+
+A caption table is Parquet with the columns of ``CAPTION_COLUMNS`` (the schema of the shared
+multilingual Flickr30k data). :func:`read_captions` validates it and names the file, row (counting
+from 0) and field of anything wrong. :func:`bitext_pairs` joins each non-English caption to the
+English caption it translates, keeps evaluation images out, and accounts for every row it drops.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+CAPTION_COLUMNS = {"image_id": pa.string(), "caption_idx": pa.int32(), "lang": pa.string(),
+                   "text": pa.string(), "source": pa.string()}
+BITEXT_COLUMNS = {"image_id": pa.string(), "caption_idx": pa.int32(), "lang": pa.string(),
+                  "english": pa.string(), "translation": pa.string()}
+
+# ISO 639-1 codes of the languages in the shared data (ay, gn and qu are 639-1 codes too).
+KNOWN_LANGUAGES = frozenset(
+    "en de fr cs ar ay es gn qu uk zh nl bn id ja ko ru tr".split()
+)
+# Sources whose non-English rows are independent descriptions of the image, not translations of
+# the English caption with the same index: they cannot be bitext.
+INDEPENDENT_SOURCES = ("multi30k-task2", "cltl-dutch-descriptions")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, row and field."""
+
+
+def read_captions(uris: str | list[str]) -> pa.Table:
+    """Read and validate caption tables (files or folders of ``*.parquet``, local or s3://)."""
+    uris = [uris] if isinstance(uris, str) else list(uris)
+    files = [f for uri in uris for f in storage.list_files(uri, suffix=".parquet")]
+    if not files:
+        raise DataError(f"no Parquet files under {', '.join(uris)}")
+    return pa.concat_tables([validate_captions(storage.read_parquet(f), f) for f in files])
+
+
+def validate_captions(table: pa.Table, name: str) -> pa.Table:
+    """The table with exactly ``CAPTION_COLUMNS`` in their types, or a DataError naming the problem."""
+    columns = {}
+    for column, kind in CAPTION_COLUMNS.items():
+        if column not in table.column_names:
+            raise DataError(f"{name}: missing column {column!r} (has: {', '.join(table.column_names)})")
+        values = table.column(column)
+        if pa.types.is_integer(kind) and not pa.types.is_integer(values.type):
+            raise DataError(f"{name}: column {column!r} has type {values.type}, expected an integer")
+        if pa.types.is_string(kind) and not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            raise DataError(f"{name}: column {column!r} has type {values.type}, expected a string")
+        if values.null_count:
+            row = _first(pc.is_null(values))
+            raise DataError(f"{name}: row {row}: field {column!r} is missing (null)")
+        columns[column] = values.cast(kind)
+    table = pa.table(columns)
+    blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table["text"])), 0)
+    if pc.any(blank).as_py():
+        raise DataError(f"{name}: row {_first(blank)}: field 'text' is empty")
+    unknown = pc.invert(pc.is_in(table["lang"], value_set=pa.array(sorted(KNOWN_LANGUAGES))))
+    if pc.any(unknown).as_py():
+        row = _first(unknown)
+        raise DataError(
+            f"{name}: row {row}: field 'lang' has unknown language code {table['lang'][row].as_py()!r} "
+            f"(known: {', '.join(sorted(KNOWN_LANGUAGES))})"
+        )
+    return table
+
+
+def check_languages(langs: list[str], what: str = "languages") -> list[str]:
+    unknown = [lang for lang in langs if lang not in KNOWN_LANGUAGES]
+    if unknown:
+        raise DataError(f"{what}: unknown language code(s) {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_LANGUAGES))})")
+    return list(langs)
+
+
+@dataclass
+class BitextReport:
+    """How many pairs were built per language and how many rows were dropped, for which reason."""
+
+    pairs: Counter = field(default_factory=Counter)
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        kept = ", ".join(f"{lang} {n}" for lang, n in sorted(self.pairs.items()))
+        lost = "; ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
+        return f"bitext pairs: {kept or 'none'}. Dropped rows: {lost}."
+
+
+def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] | None = None
+                 ) -> tuple[pa.Table, BitextReport]:
+    """English <-> L pairs for each L in ``langs``, joined on (image_id, caption_idx).
+
+    Only sources whose rows translate the English caption line by line are joined; rows of
+    independent-description sources, rows without an English partner, duplicates and rows of
+    ``exclude_images`` are dropped and counted in the report.
+    """
+    check_languages(langs, "bitext languages")
+    report = BitextReport()
+    exclude = pa.array(sorted(exclude_images or ()), type=pa.string())
+
+    held_out = pc.is_in(captions["image_id"], value_set=exclude)
+    english = captions.filter(pc.and_(pc.equal(captions["lang"], "en"), pc.invert(held_out)))
+    english = _unique_rows(english.select(["image_id", "caption_idx", "text"]), ["image_id", "caption_idx"])
+    english = english.rename_columns(["image_id", "caption_idx", "english"])
+
+    others = captions.filter(pc.is_in(captions["lang"], value_set=pa.array(langs)))
+    for mask, reason in ((pc.is_in(others["source"], value_set=pa.array(INDEPENDENT_SOURCES)),
+                          "independent descriptions (not translations)"),
+                         (pc.is_in(others["image_id"], value_set=exclude), "evaluation images")):
+        report.dropped[reason] += pc.sum(mask).as_py() or 0
+        others = others.filter(pc.invert(mask))
+    before = others.num_rows
+    others = _unique_rows(others.select(["image_id", "caption_idx", "lang", "text"]), ["image_id", "caption_idx", "lang", "text"])
+    report.dropped["duplicates"] += before - others.num_rows
+
+    joined = others.join(english, keys=["image_id", "caption_idx"], join_type="inner")
+    report.dropped["no English caption with the same image_id and caption_idx"] += others.num_rows - joined.num_rows
+    pairs = pa.table({
+        "image_id": joined["image_id"], "caption_idx": joined["caption_idx"], "lang": joined["lang"],
+        "english": joined["english"], "translation": joined["text"],
+    }).sort_by([("lang", "ascending"), ("image_id", "ascending"), ("caption_idx", "ascending")])
+    report.pairs.update(dict(zip(*np.unique(pairs["lang"].to_numpy(zero_copy_only=False), return_counts=True))))
+    report.pairs = Counter({str(k): int(v) for k, v in report.pairs.items()})
+    report.dropped = Counter({k: v for k, v in report.dropped.items() if v})
+    missing = [lang for lang in langs if not report.pairs.get(lang)]
+    if missing:
+        raise DataError(f"no bitext pairs for language(s) {', '.join(missing)} in the given tables")
+    log.info(report.summary())
+    return pairs, report
+
+
+def image_ids(uris: list[str]) -> set[str]:
+    """All image ids in the given caption tables (used to keep evaluation images out of training)."""
+    if not uris:
+        return set()
+    return set(read_captions(uris)["image_id"].to_pylist())
+
+
+@dataclass
+class RetrievalSet:
+    """Queries in one language and the corpus of English captions they should find."""
+
+    query_texts: list[str]
+    query_images: np.ndarray  # object array of image ids
+    corpus_texts: list[str]
+    corpus_images: np.ndarray
+
+
+def retrieval_set(captions: pa.Table, query_lang: str, corpus_lang: str = "en") -> RetrievalSet:
+    """Every caption in ``query_lang`` is a query; the corpus is the distinct (image, caption) rows
+    in ``corpus_lang`` (the same caption from two source tables counts once)."""
+    queries = captions.filter(pc.equal(captions["lang"], query_lang))
+    if queries.num_rows == 0:
+        raise DataError(f"no captions in query language {query_lang!r} in the evaluation data")
+    corpus = captions.filter(pc.equal(captions["lang"], corpus_lang))
+    if corpus.num_rows == 0:
+        raise DataError(f"no captions in corpus language {corpus_lang!r} in the evaluation data")
+    corpus = _unique_rows(corpus.select(["image_id", "text"]), ["image_id", "text"])
+    return RetrievalSet(
+        query_texts=queries["text"].to_pylist(),
+        query_images=np.asarray(queries["image_id"].to_pylist(), dtype=object),
+        corpus_texts=corpus["text"].to_pylist(),
+        corpus_images=np.asarray(corpus["image_id"].to_pylist(), dtype=object),
+    )
+
+
+def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
+    """First row of each distinct ``keys`` combination, in the original order."""
+    indexed = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    first = indexed.group_by(keys, use_threads=False).aggregate([("_row", "min")])
+    return table.take(pc.sort_indices(first["_row_min"]))
+
+
+def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])

@@ -1,0 +1,109 @@
+"""Cross-lingual caption retrieval: queries in language L against the English captions.
+
+A query is a hit at k when one of its top-k corpus captions belongs to the query's image. The report
+(``report.json``) holds R@1/5/10, MRR and the query count per language, and the high/low-resource
+gap: mean R@1 of the high group minus mean R@1 of the low group.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from . import metrics
+from .data import retrieval_set
+from .models import Encoder
+
+HIGH_RESOURCE = ["de", "fr", "es", "zh"]
+LOW_RESOURCE = ["ay", "gn", "qu"]
+
+
+def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
+                 batch_size: int = 64, progress: bool = True) -> dict[str, np.ndarray]:
+    """Per language, the 1-based rank of each query's first caption of its own image."""
+    corpus = retrieval_set(captions, query_langs[0], corpus_lang)
+    corpus_emb = encoder.encode(corpus.corpus_texts, "passage", batch_size,
+                                progress=f"encode {corpus_lang} corpus" if progress else None)
+    labels, corpus_labels = np.unique(corpus.corpus_images, return_inverse=True)
+    ranks = {}
+    for lang in query_langs:
+        queries = retrieval_set(captions, lang, corpus_lang)
+        query_emb = encoder.encode(queries.query_texts, "query", batch_size,
+                                   progress=f"encode {lang} queries" if progress else None)
+        # Queries whose image has no corpus caption get label -1: never a hit, but still counted.
+        pos = np.searchsorted(labels, queries.query_images)
+        pos = np.minimum(pos, len(labels) - 1)
+        query_labels = np.where(labels[pos] == queries.query_images, pos, -1)
+        ranks[lang] = metrics.ranks_by_label(query_emb, corpus_emb, query_labels, corpus_labels)
+    return ranks
+
+
+def build_report(ranks: dict[str, np.ndarray], high: list[str] = HIGH_RESOURCE,
+                 low: list[str] = LOW_RESOURCE) -> dict:
+    """The report.json structure; the gap covers the group members that were evaluated."""
+    languages = {lang: metrics.retrieval_metrics(r) for lang, r in ranks.items()}
+    high = [lang for lang in high if lang in languages]
+    low = [lang for lang in low if lang in languages]
+    gap = None
+    if high and low:
+        gap = metrics.resource_gap({lang: m["R@1"] for lang, m in languages.items()}, high, low)
+    return {"languages": languages, "gap": {"high": high, "low": low, "R@1": gap}}
+
+
+def evaluate(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
+             high: list[str] = HIGH_RESOURCE, low: list[str] = LOW_RESOURCE, batch_size: int = 64,
+             progress: bool = True) -> dict:
+    ranks = rank_queries(encoder, captions, query_langs, corpus_lang, batch_size, progress)
+    return build_report(ranks, high, low)
+
+
+def write_report(report: dict, out_dir: str | Path, title: str = "Cross-lingual caption retrieval") -> Path:
+    """report.json, report.md (a table) and recall.png (R@1 per language, groups marked)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report, title))
+    plot_recall(report, out / "recall.png", title)
+    return out
+
+
+def report_markdown(report: dict, title: str) -> str:
+    gap = report["gap"]
+    lines = [f"# {title}", "", "| language | group | R@1 | R@5 | R@10 | MRR | queries |", "|---|---|---|---|---|---|---|"]
+    for lang, m in report["languages"].items():
+        group = "high" if lang in gap["high"] else "low" if lang in gap["low"] else ""
+        lines.append(f"| {lang} | {group} | {m['R@1']:.3f} | {m['R@5']:.3f} | {m['R@10']:.3f} | {m['MRR']:.3f} | {m['n_queries']} |")
+    lines.append("")
+    if gap["R@1"] is None:
+        lines.append("Gap: not computed (a group has no evaluated language).")
+    else:
+        lines.append(f"Gap (mean R@1 of {', '.join(gap['high'])} minus mean R@1 of {', '.join(gap['low'])}): "
+                     f"**{gap['R@1']:.3f}**")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall(report: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gap = report["gap"]
+    langs = list(report["languages"])
+    colors = ["tab:blue" if lang in gap["high"] else "tab:orange" if lang in gap["low"] else "tab:gray" for lang in langs]
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(langs) + 2), 3.5))
+    ax.bar(langs, [report["languages"][lang]["R@1"] for lang in langs], color=colors)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("R@1")
+    subtitle = "" if gap["R@1"] is None else f" (gap {gap['R@1']:.3f})"
+    ax.set_title(title + subtitle, fontsize=10)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color="tab:blue", label="high-resource"), Patch(color="tab:orange", label="low-resource"),
+                       Patch(color="tab:gray", label="other")], fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

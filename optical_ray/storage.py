@@ -1,0 +1,168 @@
+"""Local paths and ``s3://bucket/key`` URIs behind one interface (pyarrow filesystems).
+
+S3 settings come from the standard AWS configuration, never from code: credentials from the AWS
+chain (environment, profile, instance role), the endpoint of an S3-compatible store from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. Retries are the SDK's (``retry_strategy``), not ours.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+class StorageError(OSError):
+    """A URI could not be read or written; the message names the URI."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or an s3:// URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """The files under a folder URI (recursively) ending in ``suffix``, or [uri] if it is a file."""
+    fs, path = resolve(uri)
+    info = _info(fs, path, uri)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(_not_found(fs, path, uri))
+    if info.type == pafs.FileType.File:
+        return [str(uri)]
+    prefix = "s3://" if is_s3(uri) else ""
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(prefix + f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
+
+
+def read_parquet(uri: str) -> pa.Table:
+    fs, path = resolve(uri)
+    if _info(fs, path, uri).type == pafs.FileType.NotFound:
+        raise StorageError(_not_found(fs, path, uri))
+    try:
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    fs, path = resolve(uri)
+    _makedirs(fs, path)
+    with _atomic_output(fs, path, uri) as out:
+        pq.write_table(table, out, compression="zstd")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as err:
+        raise StorageError(f"{uri}: no such file") from err
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot read ({err})") from err
+
+
+def write_bytes(data: bytes, uri: str) -> None:
+    fs, path = resolve(uri)
+    _makedirs(fs, path)
+    with _atomic_output(fs, path, uri) as out:
+        out.write(data)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder to a folder URI (a no-op when both are the same local folder)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == path:
+        return
+    try:
+        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot write ({err})") from err
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as err:  # unreachable endpoint, missing bucket, bad credentials
+        raise StorageError(f"{uri}: cannot reach ({err})") from err
+
+
+def _not_found(fs: pafs.FileSystem, path: str, uri: str) -> str:
+    bucket = path.split("/", 1)[0]
+    if is_s3(uri) and _info(fs, bucket, uri).type == pafs.FileType.NotFound:
+        return f"{uri}: bucket {bucket!r} does not exist"
+    return f"{uri}: no such file or folder"
+
+
+def _makedirs(fs: pafs.FileSystem, path: str) -> None:
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        try:
+            fs.create_dir(parent, recursive=True)
+        except OSError as err:
+            raise StorageError(f"{parent}: cannot create folder ({err})") from err
+
+
+class _atomic_output:
+    """Write to ``path``: locally through a temporary file renamed into place; on S3 an object only
+    appears when its upload completes, so a failed write never leaves half a file behind."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, uri: str):
+        self.fs, self.path, self.uri = fs, path, uri
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        self.tmp = f"{path}.tmp-{os.getpid()}" if self.local else path
+
+    def __enter__(self) -> io.RawIOBase:
+        try:
+            self.stream = self.fs.open_output_stream(self.tmp)
+        except OSError as err:
+            raise StorageError(f"{self.uri}: cannot write ({err})") from err
+        return self.stream
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.stream.close()
+        except OSError as err:
+            if exc_type is None:
+                raise StorageError(f"{self.uri}: cannot write ({err})") from err
+        if self.local:
+            if exc_type is None:
+                os.replace(self.tmp, self.path)
+            elif os.path.exists(self.tmp):
+                os.remove(self.tmp)
