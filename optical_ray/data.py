@@ -114,9 +114,9 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
     english = english.rename_columns(["image_id", "caption_idx", "english"])
 
     others = captions.filter(pc.is_in(captions["lang"], value_set=pa.array(langs)))
-    for mask, reason in ((pc.is_in(others["source"], value_set=pa.array(INDEPENDENT_SOURCES)),
-                          "independent descriptions (not translations)"),
-                         (pc.is_in(others["image_id"], value_set=exclude), "evaluation images")):
+    for column, values, reason in (("source", pa.array(INDEPENDENT_SOURCES), "independent descriptions (not translations)"),
+                                   ("image_id", exclude, "evaluation images")):
+        mask = pc.is_in(others[column], value_set=values)
         report.dropped[reason] += pc.sum(mask).as_py() or 0
         others = others.filter(pc.invert(mask))
     before = others.num_rows
@@ -178,7 +178,7 @@ def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
     """First row of each distinct ``keys`` combination, in the original order."""
     indexed = table.append_column("_row", pa.array(np.arange(table.num_rows)))
     first = indexed.group_by(keys, use_threads=False).aggregate([("_row", "min")])
-    return table.take(pc.sort_indices(first["_row_min"]))
+    return table.take(np.sort(first["_row_min"].to_numpy()))
 
 
 def _first(mask: pa.ChunkedArray | pa.Array) -> int:

@@ -1,0 +1,111 @@
+"""The ``optical-ray`` command line. Each subcommand parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import check_languages, read_captions
+    from .evaluate import evaluate, write_report
+    from .models import Encoder
+
+    query_langs = check_languages(args.query_langs, "--query-langs")
+    captions = read_captions(args.data)
+    encoder = Encoder.load(args.model, max_length=args.max_length)
+    report = evaluate(encoder, captions, query_langs, args.corpus_lang, high=args.high, low=args.low,
+                      batch_size=args.batch_size)
+    out = write_report(report, args.out, title=f"{args.model}: {args.corpus_lang} corpus")
+    print((out / "report.md").read_text())
+    print(f"report: {out / 'report.json'}  plot: {out / 'recall.png'}")
+
+
+def cmd_distill(args: argparse.Namespace) -> None:
+    from .config import DistillConfig, load_config
+    from .distill import distill
+
+    cfg = load_config(DistillConfig, args.config, dict(args.set or []))
+    result = distill(cfg)
+    gap = result.dev_report["gap"]["R@1"]
+    print(f"student saved to {result.model_dir}; dev report in {result.model_dir.parent / 'dev'}"
+          + (f"; dev gap {gap:.3f}" if gap is not None else ""))
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optical-ray",
+        description="Distil multilingual text encoders with optimal transport and contrastive learning, on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("eval", help="cross-lingual caption retrieval report (R@1/5/10, MRR, gap)",
+                       description="Queries in each --query-langs language retrieve among the --corpus-lang "
+                                   "captions of the same images; writes report.json, report.md and recall.png.")
+    p.add_argument("--model", required=True, help="model folder, or a shipped model: student-init, minilm-en")
+    p.add_argument("--data", required=True, action="append",
+                   help="caption table (Parquet file or folder, local or s3://); repeat for several")
+    p.add_argument("--query-langs", required=True, type=_csv, help="comma-separated, e.g. de,fr,ay")
+    p.add_argument("--corpus-lang", default="en")
+    p.add_argument("--high", type=_csv, default="de,fr,es,zh", help="high-resource group for the gap")
+    p.add_argument("--low", type=_csv, default="ay,gn,qu", help="low-resource group for the gap")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("distill", help="distil a student on bitext in this process (see configs/distill.yaml)",
+                       description="Train the student with the OT / contrastive / MSE objective from a YAML "
+                                   "config, evaluate on the dev set and save it.")
+    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.DistillConfig); defaults: the demo")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set loss.sinkhorn_reg=0.1 (repeatable)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("demo", help="the embedded demo: evaluate, distil briefly, evaluate again",
+                       description="Runs on the bundled sample data and shipped models; needs nothing else.")
+    p.add_argument("--out", default="runs/demo", help="output folder")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from .config import ConfigError
+    from .data import DataError
+    from .e5s1 import E5S1FormatError
+    from .storage import StorageError
+
+    try:
+        args.func(args)
+    except (ConfigError, DataError, StorageError, E5S1FormatError, FileNotFoundError) as err:
+        print(f"optical-ray {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

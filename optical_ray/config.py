@@ -1,0 +1,160 @@
+"""Configuration: plain dataclasses loaded from YAML with strict validation.
+
+An unknown key or a value of the wrong type is an error that names the file and the key path
+(``loss.temperature``), never a silent default. Defaults are the embedded demo's: the shipped
+models and the sample data bundled with the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SAMPLE_DIR = Path(__file__).parent / "sample_data"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the file and the key."""
+
+
+def _sample(*names: str) -> list[str]:
+    return [str(SAMPLE_DIR / name) for name in names]
+
+
+@dataclass
+class DataConfig:
+    # Caption tables (Parquet files or folders, local or s3://) to build English<->L bitext from.
+    train: list[str] = field(default_factory=lambda: _sample("train_captions.parquet"))
+    # Languages paired with English for training.
+    languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
+    # Images in these tables never enter training (keep every evaluation set here).
+    exclude_images_from: list[str] = field(default_factory=lambda: _sample("val_captions.parquet", "test_2018_captions.parquet"))
+    # Development set: caption tables and the query languages evaluated on it.
+    dev: list[str] = field(default_factory=lambda: _sample("val_captions.parquet"))
+    dev_languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh", "ay", "gn", "qu"])
+    high_resource: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh"])
+    low_resource: list[str] = field(default_factory=lambda: ["ay", "gn", "qu"])
+
+
+@dataclass
+class LossConfig:
+    ot_weight: float = 1.0
+    contrastive_weight: float = 1.0
+    mse_weight: float = 0.0
+    sinkhorn_reg: float = 0.05  # epsilon, the entropic regularization of the transport plan
+    sinkhorn_iters: int = 100
+    temperature: float = 0.05  # tau of the InfoNCE logits
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DistillConfig:
+    student: str = "student-init"  # shipped model name or model folder
+    teacher: str = "student-init"  # "student-init" (frozen copy of the start) or "minilm-en"
+    output_dir: str = "runs/distill"
+    steps: int = 200
+    batch_size: int = 32
+    max_length: int = 64  # tokens per sentence in training (captions are short)
+    freeze_word_embeddings: bool = True
+    seed: int = 0
+    eval_every: int = 0  # steps between dev evaluations; 0: only at the end
+    eval_batch_size: int = 64
+    log_every: int = 10
+    bf16: bool = True  # bf16 autocast when training on CUDA; ignored on CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_config(cls: type, source: str | Path | dict | None = None, overrides: dict | None = None):
+    """Build ``cls`` from a YAML file (or a dict), then apply dotted-key ``overrides``."""
+    name = "<config>"
+    raw: dict = {}
+    if isinstance(source, dict):
+        raw = source
+    elif source is not None:
+        name = str(source)
+        try:
+            raw = yaml.safe_load(Path(source).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{name}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{name}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return _build(cls, raw, name, "")
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _build(cls: type, raw: dict, name: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        where = f" in {prefix.rstrip('.')!r}" if prefix else ""
+        raise ConfigError(f"{name}: unknown key {prefix}{unknown[0]}{where} (known: {', '.join(sorted(fields))})")
+    values = {key: _check(hints[key], value, name, prefix + key) for key, value in raw.items()}
+    return cls(**values)
+
+
+def _check(kind, value, name: str, key: str):
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: {key} must be a mapping, got {value!r}")
+        return _build(kind, value, name, key + ".")
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(k for k in options if k is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if isinstance(value, str) and item is str:  # "de,fr" is a list too
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: {key} must be a list, got {value!r}")
+        return [_check(item, v, name, f"{key}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind in (str, bool) and isinstance(value, kind):
+        return value
+    raise ConfigError(f"{name}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _deep_copy(raw: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}

@@ -1,0 +1,197 @@
+"""The distillation loop, single process: bitext pairs -> teacher (frozen) + student -> objective ->
+AdamW. Ray Train runs the same :class:`Distiller` in each worker (see :mod:`optical_ray.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .config import DistillConfig, save_config
+from .evaluate import evaluate, write_report
+from .losses import DistillationObjective, LossWeights
+from .models import Encoder
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_bitext(cfg: DistillConfig) -> tuple[pa.Table, data.BitextReport]:
+    captions = data.read_captions(cfg.data.train)
+    held_out = data.image_ids(cfg.data.exclude_images_from)
+    return data.bitext_pairs(captions, cfg.data.languages, held_out)
+
+
+def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[list[str], list[str]]]:
+    """Endless (english, translation) batches of exactly ``batch_size``, reshuffled each epoch from
+    ``seed``; starting at ``start_step`` gives the same stream a run from step 0 would have reached."""
+    if pairs.num_rows < batch_size:
+        raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
+    english = pairs["english"].to_pylist()
+    translation = pairs["translation"].to_pylist()
+    per_epoch = len(english) // batch_size
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(english))
+        for i in range(offset, per_epoch):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield [english[j] for j in idx], [translation[j] for j in idx]
+            step += 1
+
+
+def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:
+    """(student, frozen teacher). ``teacher: student-init`` is a frozen copy of the student's start."""
+    student = Encoder.load(cfg.student, max_length=cfg.max_length).to(device)
+    if cfg.freeze_word_embeddings:
+        student.freeze_word_embeddings()
+    teacher = Encoder.load(cfg.teacher, max_length=cfg.max_length).to(device).eval()
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Distiller:
+    """One training step at a time. ``model`` is what the forward pass runs -- the student itself,
+    or its DDP wrapper under Ray Train -- while ``student`` is used for tokenising and saving."""
+
+    def __init__(self, cfg: DistillConfig, student: Encoder, teacher: Encoder, model: torch.nn.Module | None = None):
+        self.cfg, self.student, self.teacher = cfg, student, teacher
+        self.model = model if model is not None else student
+        weights = LossWeights(cfg.loss.ot_weight, cfg.loss.contrastive_weight, cfg.loss.mse_weight)
+        self.objective = DistillationObjective(weights, cfg.loss.sinkhorn_reg, cfg.loss.temperature, cfg.loss.sinkhorn_iters)
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = linear_warmup_decay(self.optimizer, cfg.optim.warmup_steps, cfg.steps)
+        self.step_count = 0
+        self.autocast = student.device.type == "cuda" and cfg.bf16
+
+    def step(self, english: list[str], translation: list[str]) -> dict[str, float]:
+        self.model.train()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.no_grad():
+                teacher_out = self.teacher(self.teacher.tokenize(english, "query"))
+            student_out = self.model(self.student.tokenize(translation, "query"))
+            student_en = self.model(self.student.tokenize(english, "query")) if self.objective.needs_student_english else None
+            loss, parts = self.objective(teacher_out, student_out, student_en)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step_count}: loss is {float(loss)} ({parts})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step_count += 1
+        return {"loss": float(loss.detach()), **{f"loss_{k}": v for k, v in parts.items()},
+                "lr": self.scheduler.get_last_lr()[0]}
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step_count = int(state["step"])
+
+
+def dev_report(cfg: DistillConfig, student: Encoder, dev_captions: pa.Table, progress: bool = False) -> dict:
+    return evaluate(student, dev_captions, cfg.data.dev_languages, high=cfg.data.high_resource,
+                    low=cfg.data.low_resource, batch_size=cfg.eval_batch_size, progress=progress)
+
+
+def dev_metrics(report: dict) -> dict[str, float]:
+    """Flat metrics for logging and for Ray: dev R@1 per language, their mean, and the gap."""
+    out = {f"dev_r1_{lang}": m["R@1"] for lang, m in report["languages"].items()}
+    out["dev_r1_mean"] = float(np.mean([m["R@1"] for m in report["languages"].values()]))
+    low = report["gap"]["low"]
+    if low:
+        out["dev_r1_low"] = float(np.mean([report["languages"][lang]["R@1"] for lang in low]))
+    if report["gap"]["R@1"] is not None:
+        out["dev_gap"] = report["gap"]["R@1"]
+    return out
+
+
+@dataclass
+class DistillResult:
+    model_dir: Path
+    dev_report: dict
+    history: list[dict] = field(default_factory=list)
+
+
+def distill(cfg: DistillConfig, progress: bool = True,
+            on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
+    """Train, evaluate on the dev set, save the student to ``output_dir/student`` and the dev report
+    to ``output_dir/dev``. The student folder appears only once completely written."""
+    seed_everything(cfg.seed)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    pairs, _ = load_bitext(cfg)
+    dev_captions = data.read_captions(cfg.data.dev)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student, teacher = load_models(cfg, device)
+    distiller = Distiller(cfg, student, teacher)
+
+    history: list[dict] = []
+    stream = batches(pairs, cfg.batch_size, cfg.seed)
+    bar = tqdm(total=cfg.steps, desc="distill", unit="step", disable=not progress)
+    start = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+        for step in range(1, cfg.steps + 1):
+            english, translation = next(stream)
+            metrics = distiller.step(english, translation)
+            elapsed = time.perf_counter() - start
+            metrics.update(step=step, pairs_per_s=step * cfg.batch_size / elapsed)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+            evaluated = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
+            if evaluated:
+                metrics.update(dev_metrics(dev_report(cfg, student, dev_captions)))
+            if evaluated or step % cfg.log_every == 0 or step == cfg.steps:
+                history.append(metrics)
+                metrics_file.write(json.dumps(metrics) + "\n")
+                metrics_file.flush()
+                if on_metrics:
+                    on_metrics(metrics)
+    bar.close()
+
+    final = dev_report(cfg, student, dev_captions, progress=progress)
+    write_report(final, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
+    model_dir = save_student(student, out / "student")
+    return DistillResult(model_dir=model_dir, dev_report=final, history=history)
+
+
+def save_student(student: Encoder, target: Path) -> Path:
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    student.save(staging)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    return target
+

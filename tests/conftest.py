@@ -1,0 +1,78 @@
+"""Shared fixtures: the shared data, tiny random encoders with the real XLM-R tokenizer, and a real
+S3 endpoint (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("OPTICAL_RAY_SHARED_DATA", REPO.parent / "shared" / "data" / "flickr30k-ml"))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "multi30k_task1_train.parquet").is_file():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def student_init_dir() -> Path:
+    from optical_ray.models import student_init_path
+
+    return student_init_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, student_init_dir) -> Path:
+    """A 2-layer, 32-wide random BERT with the real XLM-R tokenizer and E5's prompts."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", student_init_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, student_init_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher") / "model", student_init_dir, seed=1)
+
+
+def make_tiny_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from optical_ray.models import E5_PROMPTS, Encoder
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    Encoder(BertModel(config, add_pooling_layer=False), tokenizer, prompts=E5_PROMPTS, max_length=32).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 endpoint on loopback; AWS_* variables point the standard configuration at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=endpoint)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="optical-ray-test")
+    yield {"endpoint": endpoint, "client": client, "bucket": "optical-ray-test"}
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -1,0 +1,36 @@
+import pytest
+
+from optical_ray.config import ConfigError, DistillConfig, load_config, save_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 7\nloss:\n  sinkhorn_reg: 1e-3\n  temperature: 0.1\ndata:\n  languages: de,qu\n")
+    cfg = load_config(DistillConfig, path, {"optim.lr": 1e-4})
+    assert cfg.steps == 7 and cfg.loss.sinkhorn_reg == 1e-3 and cfg.loss.temperature == 0.1
+    assert cfg.data.languages == ["de", "qu"] and cfg.optim.lr == 1e-4 and cfg.batch_size == 32
+    save_config(cfg, tmp_path / "round.yaml")
+    assert load_config(DistillConfig, tmp_path / "round.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, message", [
+    ("stepz: 3\n", r"c.yaml: unknown key stepz"),
+    ("loss:\n  epsilon: 0.1\n", r"unknown key loss.epsilon in 'loss'"),
+    ("steps: many\n", r"c.yaml: steps must be int, got 'many'"),
+    ("steps: 2.5\n", r"steps must be int"),
+    ("freeze_word_embeddings: 1\n", r"freeze_word_embeddings must be bool"),
+    ("loss: 3\n", r"loss must be a mapping"),
+    ("data:\n  train: [1, 2]\n", r"data.train\[0\] must be str"),
+    ("- a\n- b\n", r"expected a mapping at the top level"),
+    ("steps: [\n", r"not valid YAML"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(DistillConfig, path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(DistillConfig, tmp_path / "absent.yaml")

@@ -1,0 +1,114 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from optical_ray import data, storage
+from optical_ray.data import DataError
+
+
+def captions(rows):
+    cols = ["image_id", "caption_idx", "lang", "text", "source"]
+    return pa.table({c: [r[i] for r in rows] for i, c in enumerate(cols)},
+                    schema=pa.schema([("image_id", pa.string()), ("caption_idx", pa.int32()), ("lang", pa.string()),
+                                      ("text", pa.string()), ("source", pa.string())]))
+
+
+T1 = "multi30k-task1"
+ROWS = [
+    ("img1", 0, "en", "A dog runs.", T1),
+    ("img1", 0, "de", "Ein Hund rennt.", T1),
+    ("img1", 0, "qu", "Allqu phawan.", "multiscript30k-mt-en2qu"),
+    ("img2", 3, "en", "Two kids play.", T1),
+    ("img2", 3, "de", "Zwei Kinder spielen.", T1),
+    ("img2", 3, "de", "Zwei Kinder spielen.", T1),  # duplicate
+    ("img2", 1, "de", "Kinder im Sand.", "multi30k-task2"),  # independent description
+    ("img3", 0, "de", "Eine Frau liest.", T1),  # no English partner
+    ("test1", 0, "en", "A cat sleeps.", T1),
+    ("test1", 0, "de", "Eine Katze schläft.", T1),  # evaluation image
+]
+
+
+def write(tmp_path, table, name="t.parquet"):
+    path = tmp_path / name
+    pq.write_table(table, path)
+    return str(path)
+
+
+def test_bitext_pairs_join_and_account_for_every_dropped_row(tmp_path):
+    table = data.read_captions(write(tmp_path, captions(ROWS)))
+    pairs, report = data.bitext_pairs(table, ["de", "qu"], exclude_images={"test1"})
+    got = sorted(zip(pairs["lang"].to_pylist(), pairs["english"].to_pylist(), pairs["translation"].to_pylist()))
+    assert got == [("de", "A dog runs.", "Ein Hund rennt."), ("de", "Two kids play.", "Zwei Kinder spielen."),
+                   ("qu", "A dog runs.", "Allqu phawan.")]
+    assert report.pairs == {"de": 2, "qu": 1}
+    assert report.dropped == {"independent descriptions (not translations)": 1, "evaluation images": 1,
+                              "duplicates": 1, "no English caption with the same image_id and caption_idx": 1}
+    de_rows = sum(1 for r in ROWS if r[2] == "de")
+    assert report.pairs["de"] + sum(report.dropped.values()) == de_rows  # nothing lost silently
+
+
+def test_bitext_for_a_language_with_no_pairs_is_an_error(tmp_path):
+    table = data.read_captions(write(tmp_path, captions(ROWS)))
+    with pytest.raises(DataError, match="no bitext pairs for language.*fr"):
+        data.bitext_pairs(table, ["de", "fr"])
+    with pytest.raises(DataError, match="unknown language code.*xx"):
+        data.bitext_pairs(table, ["xx"])
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t.drop_columns(["text"]), r"t.parquet: missing column 'text'"),
+    (lambda t: t.set_column(1, "caption_idx", pa.array(["0"] * t.num_rows)), r"column 'caption_idx' has type string, expected an integer"),
+    (lambda t: t.set_column(3, "text", pa.array([r[3] if i != 4 else "   " for i, r in enumerate(ROWS)])), r"t.parquet: row 4: field 'text' is empty"),
+    (lambda t: t.set_column(2, "lang", pa.array([r[2] if i != 2 else "xx" for i, r in enumerate(ROWS)])), r"row 2: field 'lang' has unknown language code 'xx'"),
+    (lambda t: t.set_column(0, "image_id", pa.array([r[0] if i != 7 else None for i, r in enumerate(ROWS)], pa.string())), r"row 7: field 'image_id' is missing"),
+])
+def test_bad_tables_name_file_row_and_field(tmp_path, mutate, message):
+    path = write(tmp_path, mutate(captions(ROWS)))
+    with pytest.raises(DataError, match=message):
+        data.read_captions(path)
+
+
+def test_int64_caption_idx_is_accepted(tmp_path):
+    table = captions(ROWS).set_column(1, "caption_idx", pa.array([r[1] for r in ROWS], pa.int64()))
+    assert data.read_captions(write(tmp_path, table)).schema.field("caption_idx").type == pa.int32()
+
+
+def test_s3_and_local_read_the_same(tmp_path, s3):
+    local = write(tmp_path, captions(ROWS))
+    uri = f"s3://{s3['bucket']}/captions/part-0.parquet"
+    s3["client"].upload_file(local, s3["bucket"], "captions/part-0.parquet")
+    assert data.read_captions(uri).equals(data.read_captions(local))
+    assert data.read_captions(f"s3://{s3['bucket']}/captions").equals(data.read_captions(local))  # a folder
+
+
+def test_missing_s3_key_bucket_and_corrupt_file_are_named(tmp_path, s3):
+    with pytest.raises(storage.StorageError, match=r"s3://optical-ray-test/nope.parquet: no such file"):
+        data.read_captions(f"s3://{s3['bucket']}/nope.parquet")
+    with pytest.raises(storage.StorageError, match=r"bucket 'no-such-bucket' does not exist"):
+        data.read_captions("s3://no-such-bucket/captions.parquet")
+    s3["client"].put_object(Bucket=s3["bucket"], Key="bad/corrupt.parquet", Body=b"not parquet at all")
+    with pytest.raises(storage.StorageError, match=r"s3://optical-ray-test/bad/corrupt.parquet: not a readable Parquet"):
+        data.read_captions(f"s3://{s3['bucket']}/bad/corrupt.parquet")
+
+
+def test_real_shared_bitext_keeps_evaluation_images_out(shared_data):
+    train = data.read_captions([str(shared_data / "multi30k_task1_train.parquet"),
+                                str(shared_data / "multiscript30k_mt_train.parquet"),
+                                str(shared_data / "flickr30k_en_entities_train.parquet")])
+    test_images = data.image_ids([str(shared_data / "multi30k_task1_test_2016_flickr.parquet")])
+    pairs, report = data.bitext_pairs(train, ["de", "ay", "qu"], exclude_images=test_images)
+    assert report.pairs == {"de": 29000, "ay": 29000, "qu": 29000}
+    assert not set(pairs["image_id"].to_pylist()) & test_images
+    # Entities' train split holds test images; their English captions must not pair in either.
+    entities = data.read_captions(str(shared_data / "flickr30k_en_entities_train.parquet"))
+    assert len(set(entities["image_id"].to_pylist()) & test_images) == 944
+
+
+def test_retrieval_set_dedupes_corpus_and_keeps_queries():
+    table = captions([("a", 0, "en", "x", "s1"), ("a", 0, "en", "x", "s2"), ("b", 0, "en", "x", "s1"),
+                      ("a", 0, "de", "q1", "s1"), ("b", 0, "de", "q2", "s1")])
+    rs = data.retrieval_set(table, "de")
+    assert rs.corpus_texts == ["x", "x"] and list(rs.corpus_images) == ["a", "b"]
+    assert rs.query_texts == ["q1", "q2"]
+    with pytest.raises(DataError, match="no captions in query language 'fr'"):
+        data.retrieval_set(table, "fr")

@@ -1,0 +1,57 @@
+import numpy as np
+import torch
+
+from optical_ray.models import Encoder, resolve_model
+
+TEXTS = ["A man rides a bicycle.", "Zwei Kinder spielen im Sand am Strand.", "Una mujer lee."]
+
+
+def test_content_mask_excludes_prompt_specials_and_padding(tiny_model_dir):
+    encoder = Encoder.load(tiny_model_dir)
+    batch = encoder.tokenize(["Ein Hund", "A dog runs fast"], "query")
+    tokens = [encoder.tokenizer.convert_ids_to_tokens(ids) for ids in batch["input_ids"]]
+    kept = [[t for t, keep in zip(row, mask) if keep] for row, mask in zip(tokens, batch["content_mask"])]
+    assert kept[0] == ["▁Ein", "▁Hund"]
+    assert "".join(kept[1]).replace("▁", " ").strip() == "A dog runs fast"
+    assert not batch["content_mask"][0, batch["attention_mask"][0] == 0].any()
+
+
+def test_saved_model_loads_in_transformers_and_sentence_transformers(tiny_model_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    encoder = Encoder.load(tiny_model_dir)
+    out = encoder.save(tmp_path / "saved")
+    ours = encoder.encode(TEXTS, "query")
+
+    st = SentenceTransformer(str(out), device="cpu")
+    np.testing.assert_allclose(st.encode(TEXTS, prompt_name="query"), ours, atol=1e-5)
+
+    model, tok = AutoModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    batch = tok(["query: " + t for t in TEXTS], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    np.testing.assert_allclose(pooled.numpy(), ours, atol=1e-5)
+
+
+def test_freeze_word_embeddings(tiny_model_dir):
+    encoder = Encoder.load(tiny_model_dir)
+    encoder.freeze_word_embeddings()
+    frozen = [n for n, p in encoder.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.embeddings.word_embeddings.weight"]
+
+
+def test_unknown_model_name_is_a_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="not one of student-init, minilm-en"):
+        resolve_model(tmp_path / "nope")
+
+
+def test_shipped_teacher_loads():
+    teacher = Encoder.load("minilm-en")
+    emb = teacher.encode(["A dog runs.", "A puppy is running.", "The stock market fell."])
+    assert emb.shape == (3, 384)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
