@@ -37,6 +37,26 @@ def cmd_distill(args: argparse.Namespace) -> None:
           + (f"; dev gap {gap:.3f}" if gap is not None else ""))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    import ray
+
+    from .config import DistillConfig, load_config
+    from .train import run_training
+
+    cfg = load_config(DistillConfig, args.config, dict(args.set or []))
+    ray.init(address=args.address)  # RAY_ADDRESS or a job's cluster when set; else a local Ray
+    print(f"student saved to {run_training(cfg)}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
+
+    pairs, report = bitext_pairs(read_captions(args.captions), args.languages, image_ids(args.exclude_images_from or []))
+    shards = write_bitext_shards(pairs, args.out, args.rows_per_shard)
+    print(report.summary())
+    print(f"wrote {pairs.num_rows} pairs in {len(shards)} shard(s) under {args.out}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -82,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loss.sinkhorn_reg=0.1 (repeatable)")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("train", help="distil on Ray Train: data-parallel workers, checkpoints, resume",
+                       description="Same config as `distill`, plus its `ray:` section (workers, GPUs, storage, "
+                                   "failures). Connects to RAY_ADDRESS (or the cluster of `ray job submit`); "
+                                   "otherwise starts a local Ray. Rerunning with the same ray.name and "
+                                   "ray.storage_path resumes from the latest checkpoint.")
+    p.add_argument("--config", help="YAML file (see configs/distill.yaml)")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")
+    p = data.add_parser("prepare", help="caption tables -> English<->L bitext shards (Parquet, local or s3://)",
+                        description="Join each caption in --languages to the English caption it translates, drop "
+                                    "the images of --exclude-images-from, and write part-NNNNN.parquet shards.")
+    p.add_argument("--captions", required=True, action="append", help="caption table file or folder (repeatable)")
+    p.add_argument("--languages", required=True, type=_csv, help="comma-separated, e.g. de,fr,ay,gn,qu")
+    p.add_argument("--exclude-images-from", action="append", help="evaluation tables whose images stay out (repeatable)")
+    p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
+    p.add_argument("--rows-per-shard", type=int, default=50_000)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("demo", help="the embedded demo: evaluate, distil briefly, evaluate again",
                        description="Runs on the bundled sample data and shipped models; needs nothing else.")

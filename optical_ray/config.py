@@ -30,6 +30,9 @@ def _sample(*names: str) -> list[str]:
 class DataConfig:
     # Caption tables (Parquet files or folders, local or s3://) to build English<->L bitext from.
     train: list[str] = field(default_factory=lambda: _sample("train_captions.parquet"))
+    # Or bitext shards written by `optical-ray data prepare` (a folder, local or s3://); when set,
+    # `train`, `languages` and `exclude_images_from` were applied at preparation and are ignored.
+    bitext: str | None = None
     # Languages paired with English for training.
     languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
     # Images in these tables never enter training (keep every evaluation set here).
@@ -60,6 +63,21 @@ class OptimConfig:
 
 
 @dataclass
+class RayConfig:
+    """How `optical-ray train` runs on Ray Train (ignored by the single-process `distill`)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks, or ingest stalls
+    gpus_per_worker: float = 1.0
+    storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix for checkpoints and results
+    name: str = "distill"  # a run with the same name and storage resumes from its latest checkpoint
+    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
+    num_to_keep: int = 2  # checkpoints kept, best first by dev mean R@1
+    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer
+
+
+@dataclass
 class DistillConfig:
     student: str = "student-init"  # shipped model name or model folder
     teacher: str = "student-init"  # "student-init" (frozen copy of the start) or "minilm-en"
@@ -76,6 +94,7 @@ class DistillConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 def load_config(cls: type, source: str | Path | dict | None = None, overrides: dict | None = None):

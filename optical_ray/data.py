@@ -139,6 +139,30 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
     return pairs, report
 
 
+def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_000) -> list[str]:
+    """Write bitext pairs as ``part-NNNNN.parquet`` shards under a folder URI (local or s3://)."""
+    paths = []
+    for i, start in enumerate(range(0, max(pairs.num_rows, 1), rows_per_shard)):
+        path = storage.join(out_uri, f"part-{i:05d}.parquet")
+        storage.write_parquet(pairs.slice(start, rows_per_shard), path)
+        paths.append(path)
+    return paths
+
+
+def check_bitext_shards(uri: str) -> list[str]:
+    """The shard files under ``uri``, after reading each footer: a missing bucket or key, a corrupt
+    shard or a wrong schema fails here, naming the URI, before any training starts."""
+    files = storage.list_files(uri, suffix=".parquet")
+    if not files:
+        raise DataError(f"{uri}: no Parquet bitext shards")
+    for path in files:
+        schema = storage.read_parquet_schema(path)
+        missing = [c for c in BITEXT_COLUMNS if c not in schema.names]
+        if missing:
+            raise DataError(f"{path}: not a bitext shard, missing column(s) {', '.join(missing)}")
+    return files
+
+
 def image_ids(uris: list[str]) -> set[str]:
     """All image ids in the given caption tables (used to keep evaluation images out of training)."""
     if not uris:

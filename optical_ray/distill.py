@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, storage
 from .config import DistillConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
@@ -33,10 +33,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_bitext(cfg: DistillConfig) -> tuple[pa.Table, data.BitextReport]:
+def load_bitext(cfg: DistillConfig) -> pa.Table:
+    """All training pairs in memory: from prepared shards, or built from the caption tables."""
+    if cfg.data.bitext:
+        return pa.concat_tables([storage.read_parquet(f) for f in data.check_bitext_shards(cfg.data.bitext)])
     captions = data.read_captions(cfg.data.train)
     held_out = data.image_ids(cfg.data.exclude_images_from)
-    return data.bitext_pairs(captions, cfg.data.languages, held_out)
+    return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
 
 
 def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[list[str], list[str]]]:
@@ -151,7 +154,7 @@ def distill(cfg: DistillConfig, progress: bool = True,
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    pairs, _ = load_bitext(cfg)
+    pairs = load_bitext(cfg)
     dev_captions = data.read_captions(cfg.data.dev)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     student, teacher = load_models(cfg, device)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,8 +79,12 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, gath
     if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         from torch.distributed.nn.functional import all_gather
 
-        all_queries = torch.cat(all_gather(queries))
-        all_keys = torch.cat(all_gather(keys))
+        with warnings.catch_warnings():
+            # Deprecated in favour of _functional_collectives, whose backward needs reduce_scatter,
+            # which gloo (CPU workers) lacks; this one falls back to all_to_all there.
+            warnings.simplefilter("ignore", FutureWarning)
+            all_queries = torch.cat(all_gather(queries))
+            all_keys = torch.cat(all_gather(keys))
         offset = dist.get_rank() * queries.shape[0]
     labels = torch.arange(queries.shape[0], device=queries.device) + offset
     q_to_k = queries @ all_keys.T / temperature

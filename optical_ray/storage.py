@@ -80,6 +80,18 @@ def read_parquet(uri: str) -> pa.Table:
         raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
 
 
+def read_parquet_schema(uri: str) -> pa.Schema:
+    """The schema from a Parquet file's footer (reads only the footer)."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.read_schema(f)
+    except FileNotFoundError as err:
+        raise StorageError(_not_found(fs, path, uri)) from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
+
+
 def write_parquet(table: pa.Table, uri: str) -> None:
     fs, path = resolve(uri)
     _makedirs(fs, path)
@@ -105,15 +117,14 @@ def write_bytes(data: bytes, uri: str) -> None:
         out.write(data)
 
 
-def upload_dir(local_dir: str, uri: str) -> None:
-    """Copy a local folder to a folder URI (a no-op when both are the same local folder)."""
-    fs, path = resolve(uri)
-    if isinstance(fs, pafs.LocalFileSystem) and os.path.abspath(local_dir) == path:
-        return
+def copy_dir(source: str, target: str) -> None:
+    """Copy a folder between any two of local paths and s3:// URIs."""
+    src_fs, src = resolve(source)
+    dst_fs, dst = resolve(target)
     try:
-        pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs)
     except OSError as err:
-        raise StorageError(f"{uri}: cannot write ({err})") from err
+        raise StorageError(f"cannot copy {source} to {target} ({err})") from err
 
 
 def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:

@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("OPTICAL_RAY_SHARED_DATA", REPO.parent / "shared" / "data" / "flickr30k-ml"))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Read by Ray when it is imported: set before any test module imports it. The second keeps Ray's
+# node address on loopback; auth is off for this loopback-only test cluster.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                  PYTHONPATH=str(REPO))
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +63,9 @@ def s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -76,3 +82,36 @@ def s3():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3, tmp_path_factory):
+    """One local Ray head on 127.0.0.1 for the whole session (`ray start --head`), shared by the
+    Train, Tune, Jobs and Serve tests. Started after the S3 fixture so its processes inherit the
+    AWS_* variables that point at moto."""
+    import subprocess
+    import sys
+
+    import ray
+
+    env = dict(os.environ)
+    port, dashboard_port = _free_port(), _free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp_dir = tmp_path_factory.mktemp("ray")
+    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                    f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    address = f"127.0.0.1:{port}"
+    ray.init(address=address, log_to_driver=False)
+    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    ray.shutdown()
+    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)

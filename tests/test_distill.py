@@ -41,7 +41,7 @@ def test_same_seed_same_losses(tmp_path, tiny_model_dir, tiny_teacher_dir):
 
 def test_optimizer_state_round_trip_continues_identically(tmp_path, tiny_model_dir, tiny_teacher_dir):
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir)
-    pairs, _ = load_bitext(cfg)
+    pairs = load_bitext(cfg)
 
     def run(steps_before, steps_after, restore=None):
         torch.manual_seed(0)
@@ -67,7 +67,7 @@ def test_optimizer_state_round_trip_continues_identically(tmp_path, tiny_model_d
 
 def test_batches_restart_mid_epoch_like_an_uninterrupted_stream(tmp_path, tiny_model_dir):
     cfg = tiny_config(tmp_path, tiny_model_dir, tiny_model_dir)
-    pairs, _ = load_bitext(cfg)
+    pairs = load_bitext(cfg)
     stream = batches(pairs, 64, seed=3)
     first = [next(stream) for _ in range(200)]  # crosses epoch boundaries (140 batches per epoch)
     restarted = batches(pairs, 64, seed=3, start_step=150)
