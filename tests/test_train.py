@@ -109,3 +109,33 @@ def test_bad_shards_fail_before_training_naming_the_uri(ray_cluster, s3, s3_bite
     with pytest.raises((DataError, storage.StorageError), match=rf"s3://{bucket}/wrong/part-00000.parquet"):
         run_training(cfg)
     assert s3["client"].list_objects_v2(Bucket=bucket, Prefix="ray/broken")["KeyCount"] == 0  # nothing written
+
+
+@pytest.mark.timeout(600)
+def test_submitted_as_a_ray_job(ray_cluster, s3, s3_bitext, tiny_model_dir, tmp_path):
+    import sys
+
+    import yaml
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from optical_ray.config import to_dict
+
+    cfg = tiny_ray_config(tiny_model_dir, tiny_model_dir, s3["bucket"], "job", num_workers=1)
+    cfg.steps, cfg.eval_every, cfg.output_dir = 4, 0, str(tmp_path / "out")
+    config_path = tmp_path / "job.yaml"
+    config_path.write_text(yaml.safe_dump(to_dict(cfg)))
+    repo = Path(__file__).resolve().parents[1]
+
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} jobs/distill.py --config {config_path}",
+        runtime_env={"working_dir": str(repo), "excludes": [".venv", ".git", "runs", "*.egg-info", "__pycache__"]},
+    )
+    deadline = time.time() + 480
+    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+        time.sleep(2)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "student saved to" in logs
+    assert Encoder.load(tmp_path / "out" / "student").dim == 32

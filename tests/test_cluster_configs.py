@@ -1,0 +1,41 @@
+"""The cluster launcher YAML passes Ray's own schema; the KubeRay manifests parse and run our jobs."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from optical_ray.cli import build_parser
+
+CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+
+
+def test_launcher_config_passes_ray_schema_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    validate_config(prepare_config(config))  # fills in defaults as `ray up` does; raises on a violation
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+    from jsonschema import ValidationError
+
+    with pytest.raises(ValidationError, match="'many' is not of type 'integer'"):
+        validate_config(prepare_config(dict(config, max_workers="many")))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (CLUSTER / "kuberay").glob("*.yaml")))
+def test_kuberay_manifests_parse_and_pin_our_ray_version(name):
+    import ray
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = doc["spec"]
+    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
+    assert cluster["rayVersion"] == ray.__version__
+    for group in cluster["workerGroupSpecs"]:
+        assert group["minReplicas"] <= group["maxReplicas"]
+    if doc["kind"] == "RayJob":  # the entrypoint's arguments are ones our CLI accepts
+        argv = shlex.split(spec["entrypoint"])
+        assert argv[0] == "python" and Path(CLUSTER.parent, argv[1]).is_file()
+        command = {"jobs/distill.py": "train", "jobs/sweep.py": "tune"}[argv[1]]
+        build_parser().parse_args([command, *argv[2:]])
