@@ -48,6 +48,37 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"student saved to {run_training(cfg)}")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    import ray
+
+    from .config import SweepConfig, load_config
+    from .tune import run_sweep
+
+    cfg = load_config(SweepConfig, args.config, dict(args.set or []))
+    ray.init(address=args.address)
+    result = run_sweep(cfg, resume=args.resume)
+    print(f"{result.trials.num_rows} trials, {result.trial_steps} training steps in all; results in "
+          f"{cfg.storage_path.rstrip('/')}/{cfg.name}/ (trials.csv, best.yaml, sweep.png)")
+    if result.best is None:
+        print("no trial completed every step: no best.yaml")
+    else:
+        print(f"best: sinkhorn_reg={result.best.loss.sinkhorn_reg:.4g} temperature={result.best.loss.temperature:.4g}")
+
+
+def cmd_index(args: argparse.Namespace) -> None:
+    import json
+
+    import ray
+
+    from .indexing import build_corpus_index
+
+    ray.init(address=args.address)
+    manifest = build_corpus_index(args.model, args.data, args.out, args.factory, args.lang, args.query_langs,
+                                  args.sample_queries, args.concurrency, args.batch_size)
+    print(json.dumps(manifest, indent=2))
+    print(f"index written to {args.out}")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
 
@@ -113,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("tune", help="sweep Sinkhorn regularization and temperature on Ray Tune (ASHA)",
+                       description="Trials of the distillation loop with sampled loss.sinkhorn_reg, "
+                                   "loss.temperature (log-uniform) and optional loss weights; ASHA stops weak "
+                                   "trials at dev evaluations. Writes trials.csv, best.yaml and sweep.png to "
+                                   "the sweep's storage. See configs/sweep.yaml.")
+    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.SweepConfig)")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="override a key, e.g. --set num_samples=16 --set distill.steps=400")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name and storage")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("index", help="encode a caption corpus with Ray Data and build a FAISS index",
+                       description="Encodes the distinct --lang captions of --data with the model (Ray Data "
+                                   "map_batches), builds a FAISS index from --factory (GPU FAISS when present), "
+                                   "reports recall@10 against exact search per query language, and writes "
+                                   "index.faiss, metadata.parquet and manifest.json under --out.")
+    p.add_argument("--model", required=True, help="model folder or shipped model name")
+    p.add_argument("--data", required=True, action="append", help="caption table file or folder (repeatable)")
+    p.add_argument("--out", required=True, help="output folder, local or s3://")
+    p.add_argument("--factory", default="Flat", help='FAISS index_factory string, e.g. Flat, HNSW32, "IVF256,PQ32"')
+    p.add_argument("--lang", default="en", help="language of the corpus captions")
+    p.add_argument("--query-langs", type=_csv, default="", help="languages whose captions measure recall vs exact")
+    p.add_argument("--sample-queries", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_index)
+
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")
     p = data.add_parser("prepare", help="caption tables -> English<->L bitext shards (Parquet, local or s3://)",
                         description="Join each caption in --languages to the English caption it translates, drop "
@@ -138,11 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .e5s1 import E5S1FormatError
+    from .index import IndexFormatError
     from .storage import StorageError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, StorageError, E5S1FormatError, FileNotFoundError) as err:
+    except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, FileNotFoundError) as err:
         print(f"optical-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

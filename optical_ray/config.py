@@ -69,6 +69,7 @@ class RayConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks, or ingest stalls
+    torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (at least 1)
     gpus_per_worker: float = 1.0
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix for checkpoints and results
     name: str = "distill"  # a run with the same name and storage resumes from its latest checkpoint
@@ -177,3 +178,33 @@ def _check(kind, value, name: str, key: str):
 
 def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+@dataclass
+class SearchSpace:
+    sinkhorn_reg: list[float] = field(default_factory=lambda: [1e-3, 1.0])  # log-uniform [low, high]
+    temperature: list[float] = field(default_factory=lambda: [0.01, 0.5])  # log-uniform [low, high]
+    # Optional: each trial picks one value per list; empty keeps the distill config's weight.
+    ot_weight: list[float] = field(default_factory=list)
+    contrastive_weight: list[float] = field(default_factory=list)
+    mse_weight: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SweepConfig:
+    """`optical-ray tune`: trials of the single-process distillation loop, one process per trial."""
+
+    distill: DistillConfig = field(default_factory=DistillConfig)  # every trial starts from this
+    search: SearchSpace = field(default_factory=SearchSpace)
+    objective: str = "low_r1"  # low_r1 | mean_r1 | neg_gap (all on the dev set, higher is better)
+    scheduler: str = "asha"  # asha (stops weak trials at each dev evaluation) | fifo
+    grace_period: int = 1  # dev evaluations every trial gets before ASHA may stop it
+    reduction_factor: int = 2
+    num_samples: int = 8
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # > 0 trains each trial on a GPU
+    max_failures: int = 1  # retries of a failing trial; after that it is recorded as failed
+    seed: int = 0
+    storage_path: str = "runs/tune"  # local folder or s3://bucket/prefix
+    name: str = "sweep"  # the same name and storage resume an interrupted sweep

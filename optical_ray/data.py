@@ -27,7 +27,7 @@ BITEXT_COLUMNS = {"image_id": pa.string(), "caption_idx": pa.int32(), "lang": pa
 
 # ISO 639-1 codes of the languages in the shared data (ay, gn and qu are 639-1 codes too).
 KNOWN_LANGUAGES = frozenset(
-    "en de fr cs ar ay es gn qu uk zh nl bn id ja ko ru tr".split()
+    ["en", "de", "fr", "cs", "ar", "ay", "es", "gn", "qu", "uk", "zh", "nl", "bn", "id", "ja", "ko", "ru", "tr"]
 )
 # Sources whose non-English rows are independent descriptions of the image, not translations of
 # the English caption with the same index: they cannot be bitext.
@@ -186,16 +186,22 @@ def retrieval_set(captions: pa.Table, query_lang: str, corpus_lang: str = "en") 
     queries = captions.filter(pc.equal(captions["lang"], query_lang))
     if queries.num_rows == 0:
         raise DataError(f"no captions in query language {query_lang!r} in the evaluation data")
-    corpus = captions.filter(pc.equal(captions["lang"], corpus_lang))
-    if corpus.num_rows == 0:
-        raise DataError(f"no captions in corpus language {corpus_lang!r} in the evaluation data")
-    corpus = _unique_rows(corpus.select(["image_id", "text"]), ["image_id", "text"])
+    corpus = corpus_captions(captions, corpus_lang)
     return RetrievalSet(
         query_texts=queries["text"].to_pylist(),
         query_images=np.asarray(queries["image_id"].to_pylist(), dtype=object),
         corpus_texts=corpus["text"].to_pylist(),
         corpus_images=np.asarray(corpus["image_id"].to_pylist(), dtype=object),
     )
+
+
+def corpus_captions(captions: pa.Table, lang: str = "en") -> pa.Table:
+    """The distinct (image_id, text) captions in ``lang``: the same caption from two source tables
+    is one corpus entry."""
+    corpus = captions.filter(pc.equal(captions["lang"], lang))
+    if corpus.num_rows == 0:
+        raise DataError(f"no captions in corpus language {lang!r} in the given tables")
+    return _unique_rows(corpus.select(["image_id", "text"]), ["image_id", "text"])
 
 
 def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:

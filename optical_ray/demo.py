@@ -1,18 +1,21 @@
 """The embedded demo: shipped models, bundled sample data, nothing else needed.
 
 Evaluates the undistilled student on Multi30k test_2018 (all 1,071 images), distils it briefly with
-OT + contrastive losses, evaluates again and prints where the reports and plots are.
+OT + contrastive losses on a local Ray Train worker, evaluates again and prints where the reports and
+plots are.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import ray
+
 from . import data
 from .config import SAMPLE_DIR, DistillConfig, load_config
-from .distill import distill
 from .evaluate import evaluate, write_report
 from .models import Encoder
+from .train import run_training
 
 TEST_LANGS = ["de", "fr", "es", "zh", "ay", "gn", "qu"]
 
@@ -25,12 +28,20 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:
     before = evaluate(Encoder.load("student-init"), test, TEST_LANGS)
     write_report(before, out / "before", title="Undistilled student, test_2018")
 
-    print(f"[2/3] distilling for {steps} steps (OT + contrastive, teacher: student-init) ...", flush=True)
-    cfg = load_config(DistillConfig, overrides={"output_dir": str(out / "distill"), "steps": steps})
-    result = distill(cfg)
+    print(f"[2/3] distilling for {steps} steps on Ray Train, 1 local worker "
+          "(OT + contrastive, teacher: student-init) ...", flush=True)
+    cfg = load_config(DistillConfig, overrides={
+        "output_dir": str(out / "distill"), "steps": steps,
+        # One worker using both cores; one CPU stays reserved for Ray Data's shuffle tasks.
+        "ray.num_workers": 1, "ray.cpus_per_worker": 1, "ray.torch_threads": 2,
+        "ray.storage_path": str((out / "ray").resolve()), "ray.name": "demo",
+    })
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+    student_dir = Path(run_training(cfg))
 
     print("[3/3] evaluating the distilled student on test_2018 ...", flush=True)
-    after = evaluate(Encoder.load(result.model_dir), test, TEST_LANGS)
+    after = evaluate(Encoder.load(student_dir), test, TEST_LANGS)
     write_report(after, out / "after", title=f"Distilled student ({steps} steps), test_2018")
 
     print("\nR@1 on test_2018     " + " ".join(f"{lang:>6}" for lang in TEST_LANGS) + "     gap")
@@ -38,5 +49,5 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:
         cells = " ".join(f"{report['languages'][lang]['R@1']:6.3f}" for lang in TEST_LANGS)
         print(f"{name:<20} {cells}  {report['gap']['R@1']:6.3f}")
     print(f"\nreports and plots: {out / 'before'}, {out / 'after'} (report.md, recall.png)")
-    print(f"distilled student: {result.model_dir}")
+    print(f"distilled student: {student_dir}")
     return {"before": before, "after": after}

@@ -146,14 +146,14 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
-def distill(cfg: DistillConfig, progress: bool = True,
-            on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
-    """Train, evaluate on the dev set, save the student to ``output_dir/student`` and the dev report
-    to ``output_dir/dev``. The student folder appears only once completely written."""
+def fit(cfg: DistillConfig, progress: bool = True, on_metrics: Callable[[dict], None] | None = None
+        ) -> tuple[Encoder, dict, list[dict]]:
+    """Train for ``cfg.steps`` and evaluate on the dev set every ``eval_every`` steps and at the end.
+
+    ``on_metrics`` receives every logged metrics dict; those of evaluation steps (always the last one)
+    carry the dev metrics. Returns (student, final dev report, logged metrics).
+    """
     seed_everything(cfg.seed)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     pairs = load_bitext(cfg)
     dev_captions = data.read_captions(cfg.data.dev)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,32 +161,45 @@ def distill(cfg: DistillConfig, progress: bool = True,
     distiller = Distiller(cfg, student, teacher)
 
     history: list[dict] = []
+    report: dict = {}
     stream = batches(pairs, cfg.batch_size, cfg.seed)
     bar = tqdm(total=cfg.steps, desc="distill", unit="step", disable=not progress)
     start = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-        for step in range(1, cfg.steps + 1):
-            english, translation = next(stream)
-            metrics = distiller.step(english, translation)
-            elapsed = time.perf_counter() - start
-            metrics.update(step=step, pairs_per_s=step * cfg.batch_size / elapsed)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-            evaluated = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step < cfg.steps
-            if evaluated:
-                metrics.update(dev_metrics(dev_report(cfg, student, dev_captions)))
-            if evaluated or step % cfg.log_every == 0 or step == cfg.steps:
-                history.append(metrics)
-                metrics_file.write(json.dumps(metrics) + "\n")
-                metrics_file.flush()
-                if on_metrics:
-                    on_metrics(metrics)
+    for step in range(1, cfg.steps + 1):
+        metrics = distiller.step(*next(stream))
+        metrics.update(step=step, pairs_per_s=step * cfg.batch_size / (time.perf_counter() - start))
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+        evaluate_now = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        if evaluate_now:
+            report = dev_report(cfg, student, dev_captions, progress=progress and step == cfg.steps)
+            metrics.update(dev_metrics(report))
+        if evaluate_now or step % cfg.log_every == 0:
+            history.append(metrics)
+            if on_metrics:
+                on_metrics(metrics)
     bar.close()
+    return student, report, history
 
-    final = dev_report(cfg, student, dev_captions, progress=progress)
-    write_report(final, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
-    model_dir = save_student(student, out / "student")
-    return DistillResult(model_dir=model_dir, dev_report=final, history=history)
+
+def distill(cfg: DistillConfig, progress: bool = True,
+            on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
+    """:func:`fit`, then save the student to ``output_dir/student``, the dev report to
+    ``output_dir/dev``, the config and ``metrics.jsonl``. The student folder appears only once
+    completely written."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    with open(out / "metrics.jsonl", "w") as metrics_file:
+        def log_metrics(metrics: dict) -> None:
+            metrics_file.write(json.dumps(metrics) + "\n")
+            metrics_file.flush()
+            if on_metrics:
+                on_metrics(metrics)
+
+        student, report, history = fit(cfg, progress, log_metrics)
+    write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
+    return DistillResult(model_dir=save_student(student, out / "student"), dev_report=report, history=history)
 
 
 def save_student(student: Encoder, target: Path) -> Path:

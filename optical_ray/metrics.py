@@ -47,7 +47,7 @@ def mean_reciprocal_rank(ranks: np.ndarray) -> float:
 def retrieval_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float | int]:
     out: dict[str, float | int] = {f"R@{k}": recall_at(ranks, k) for k in ks}
     out["MRR"] = mean_reciprocal_rank(ranks)
-    out["n_queries"] = int(len(ranks))
+    out["n_queries"] = len(ranks)
     return out
 
 

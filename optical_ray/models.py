@@ -126,7 +126,7 @@ class Encoder(nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike, max_length: int = 128) -> "Encoder":
+    def load(cls, name_or_path: str | os.PathLike, max_length: int = 128) -> Encoder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 

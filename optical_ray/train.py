@@ -45,7 +45,7 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
     local_batch = cfg.batch_size // world
     if not cfg.ray.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+        torch.set_num_threads(cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
     seed_everything(cfg.seed)  # same initial state everywhere; DDP also broadcasts it
 
     device = ray.train.torch.get_device()

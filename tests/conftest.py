@@ -60,10 +60,10 @@ def make_tiny_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 endpoint on loopback; AWS_* variables point the standard configuration at it."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
-
-    import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -94,24 +94,45 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3, tmp_path_factory):
-    """One local Ray head on 127.0.0.1 for the whole session (`ray start --head`), shared by the
-    Train, Tune, Jobs and Serve tests. Started after the S3 fixture so its processes inherit the
-    AWS_* variables that point at moto."""
+    """One local Ray head on 127.0.0.1 for the whole session (`ray start --head --block`), shared by
+    the Train, Tune, Jobs and Serve tests. Started after the S3 fixture so its processes inherit the
+    AWS_* variables that point at moto. Stopped by signalling that `ray start` alone, so any other
+    Ray on the machine is left running (`ray stop` would end them all)."""
+    import signal
     import subprocess
     import sys
+    import time
+    import urllib.request
 
     import ray
 
-    env = dict(os.environ)
     port, dashboard_port = _free_port(), _free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tmp_path_factory.mktemp("ray")
-    subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    log_path = temp_dir / "ray-start.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=5)
+            break
+        except OSError:
+            if head.poll() is not None or time.time() > deadline:
+                head.kill()
+                pytest.fail(f"ray start failed: {log_path.read_text()[-2000:]}")
+            time.sleep(1)
     address = f"127.0.0.1:{port}"
     ray.init(address=address, log_to_driver=False)
-    yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}"}
+    yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
     ray.shutdown()
-    subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)

@@ -8,8 +8,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from optical_ray.losses import (ContrastiveLoss, DistillationObjective, LossWeights, MSEDistillationLoss,
-                                OTDistillationLoss, info_nce)
+from optical_ray.losses import (
+    ContrastiveLoss,
+    DistillationObjective,
+    LossWeights,
+    MSEDistillationLoss,
+    OTDistillationLoss,
+    info_nce,
+)
 from optical_ray.models import EncoderOutput
 from optical_ray.ot import transport_cost
 

@@ -42,7 +42,7 @@ def test_small_reg_float32_is_finite_with_correct_marginals():
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_bf16_inputs_are_solved_in_float32(device):
     x, xm, y, ym = random_batch(dtype=torch.float32)
-    value32, plan32 = transport_cost(x.to(device), xm.to(device), y.to(device), ym.to(device), reg=0.05)
+    value32, _ = transport_cost(x.to(device), xm.to(device), y.to(device), ym.to(device), reg=0.05)
     value16, plan16 = transport_cost(x.to(device, torch.bfloat16), xm.to(device), y.to(device, torch.bfloat16),
                                      ym.to(device), reg=0.05)
     assert plan16.dtype == torch.float32 and value16.dtype == torch.float32

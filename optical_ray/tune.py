@@ -1,0 +1,188 @@
+"""Sweeps of the Sinkhorn regularization ε and the InfoNCE temperature τ (and optionally the loss
+weights) on Ray Tune, with ASHA stopping weak trials at each dev evaluation.
+
+Each trial runs :func:`optical_ray.distill.fit` in one process and reports its dev metrics, with
+``objective`` (higher is better) set from ``SweepConfig.objective``:
+
+* ``low_r1`` (default): mean dev R@1 over the low-resource languages -- the quantity this project
+  exists to raise; a setting that helps them without hurting the rest shows up here first.
+* ``mean_r1``: mean dev R@1 over all evaluated languages.
+* ``neg_gap``: minus the high-vs-low gap. A gap can also shrink by making the high-resource
+  languages worse, so it is a poor objective alone.
+
+Results land in the sweep's storage: ``trials.csv`` (parameters, metrics and status of every trial),
+``best.yaml`` (a config ``optical-ray distill`` accepts unchanged) and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import torch
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from . import storage
+from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict
+from .distill import fit
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = {
+    "low_r1": lambda m: m["dev_r1_low"],
+    "mean_r1": lambda m: m["dev_r1_mean"],
+    "neg_gap": lambda m: -m["dev_gap"],
+}
+SEARCHED = ("sinkhorn_reg", "temperature", "ot_weight", "contrastive_weight", "mse_weight")
+
+
+def search_space(cfg: SweepConfig) -> dict:
+    space = {}
+    for name in ("sinkhorn_reg", "temperature"):
+        bounds = getattr(cfg.search, name)
+        if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
+            raise ConfigError(f"search.{name} must be [low, high] with 0 < low <= high, got {bounds}")
+        space[name] = tune.loguniform(*bounds) if bounds[0] < bounds[1] else bounds[0]
+    for name in ("ot_weight", "contrastive_weight", "mse_weight"):
+        if getattr(cfg.search, name):
+            space[name] = tune.choice(getattr(cfg.search, name))
+    return space
+
+
+def trial_config(base: dict, params: dict) -> DistillConfig:
+    """The distill config of one trial: the sweep's base with the sampled values in ``loss``."""
+    return load_config(DistillConfig, base, {f"loss.{k}": v for k, v in params.items() if k in SEARCHED})
+
+
+def run_trial(config: dict) -> None:
+    """Tune's function trainable: one distillation, reporting at each dev evaluation."""
+    cfg = trial_config(config["distill"], config)
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    objective = OBJECTIVES[config["objective"]]
+
+    def report(metrics: dict) -> None:
+        if "dev_r1_mean" in metrics:  # only evaluation steps carry what the scheduler compares
+            tune.report({**metrics, "objective": objective(metrics)})
+
+    fit(cfg, progress=False, on_metrics=report)
+
+
+def check(cfg: SweepConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.scheduler not in ("asha", "fifo"):
+        raise ConfigError(f"scheduler must be asha or fifo, got {cfg.scheduler!r}")
+    if cfg.distill.eval_every <= 0 and cfg.scheduler == "asha":
+        raise ConfigError("distill.eval_every must be > 0 for ASHA: it compares trials at dev evaluations")
+    if cfg.objective != "mean_r1" and not (cfg.distill.data.low_resource and set(cfg.distill.data.low_resource) & set(cfg.distill.data.dev_languages)):
+        raise ConfigError(f"objective {cfg.objective} needs a low-resource language among distill.data.dev_languages")
+
+
+def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
+    check(cfg)
+    filesystem, path = storage.resolve(cfg.storage_path)
+    resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+    trainable = tune.with_resources(run_trial, resources)
+    experiment = storage.join(cfg.storage_path, cfg.name)
+    if resume and tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        log.info("resuming the sweep at %s: finished trials are kept", experiment)
+        return tune.Tuner.restore(experiment, trainable, storage_filesystem=filesystem, resume_errored=True)
+    if cfg.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.distill.steps,
+                                  grace_period=cfg.grace_period * cfg.distill.eval_every,
+                                  reduction_factor=cfg.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    param_space = {"distill": to_dict(cfg.distill), "objective": cfg.objective, "cpus": cfg.cpus_per_trial,
+                   **search_space(cfg)}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=cfg.max_concurrent_trials,
+                                    search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+    )
+
+
+@dataclass
+class SweepResult:
+    trials: pa.Table
+    best: DistillConfig | None
+    trial_steps: int  # training steps spent over all trials
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+    """Run (or resume) the sweep on the connected Ray cluster and write its results."""
+    results = make_tuner(cfg, resume).fit()
+    rows = []
+    for result in results:
+        params = result.config or {}
+        metrics = result.metrics or {}
+        rows.append({
+            "trial": Path(result.path).name,
+            "status": "ERROR" if result.error else "OK",
+            "error": str(result.error).splitlines()[0][:300] if result.error else "",
+            **{k: float(params[k]) for k in SEARCHED if k in params},
+            "steps": int(metrics.get("step", 0)),
+            **{k: float(v) for k, v in metrics.items() if k == "objective" or k.startswith("dev_")},
+        })
+    trials = pa.Table.from_pylist(rows)
+    completed = [r for r in rows if r["status"] == "OK" and r["steps"] == cfg.distill.steps and "objective" in r]
+    best = None
+    if completed:
+        top = max(completed, key=lambda r: r["objective"])
+        best = trial_config(to_dict(cfg.distill), top)
+    write_results(cfg, trials, best)
+    return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows))
+
+
+def write_results(cfg: SweepConfig, trials: pa.Table, best: DistillConfig | None) -> None:
+    out = storage.join(cfg.storage_path, cfg.name)
+    buffer = io.BytesIO()
+    pacsv.write_csv(trials, buffer)
+    storage.write_bytes(buffer.getvalue(), storage.join(out, "trials.csv"))
+    if best is not None:
+        storage.write_bytes(yaml.safe_dump(to_dict(best), sort_keys=False).encode(), storage.join(out, "best.yaml"))
+    with tempfile.TemporaryDirectory() as folder:
+        png = Path(folder) / "sweep.png"
+        plot_sweep(trials, cfg.objective, png)
+        storage.write_bytes(png.read_bytes(), storage.join(out, "sweep.png"))
+
+
+def plot_sweep(trials: pa.Table, objective: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in trials.to_pylist() if r.get("objective") is not None and not math.isnan(r["objective"])]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    if rows:
+        eps = np.array([r["sinkhorn_reg"] for r in rows])
+        tau = np.array([r["temperature"] for r in rows])
+        obj = np.array([r["objective"] for r in rows])
+        steps = np.array([r["steps"] for r in rows])
+        points = ax.scatter(eps, tau, c=obj, s=30 + 120 * steps / max(1, steps.max()), cmap="viridis", edgecolors="k")
+        fig.colorbar(points, ax=ax, label=f"objective ({objective})")
+        best = int(np.argmax(obj))
+        ax.annotate(f"best {obj[best]:.3f}", (eps[best], tau[best]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("Sinkhorn regularization ε")
+    ax.set_ylabel("temperature τ")
+    ax.set_title("Sweep: dev objective (marker size: steps trained)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

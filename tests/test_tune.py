@@ -1,0 +1,76 @@
+"""Ray Tune: a 4-trial ASHA sweep with tiny models on 2 CPUs, storage on S3 (moto on 127.0.0.1)."""
+
+import io
+import json
+
+import pyarrow.csv as pacsv
+import pytest
+import yaml
+
+from optical_ray import storage
+from optical_ray.config import ConfigError, DistillConfig, SweepConfig, load_config
+from optical_ray.distill import distill
+from optical_ray.tune import make_tuner, run_sweep
+
+
+def sweep_config(tiny_model_dir, tiny_teacher_dir, bucket, **overrides):
+    return load_config(SweepConfig, {
+        "num_samples": 4, "max_concurrent_trials": 2, "cpus_per_trial": 1, "grace_period": 1, "reduction_factor": 2,
+        "storage_path": f"s3://{bucket}/tune", "name": "tiny", "seed": 0,
+        "search": {"sinkhorn_reg": [0.01, 1.0], "temperature": [0.02, 0.5]},
+        "distill": {"student": str(tiny_model_dir), "teacher": str(tiny_teacher_dir), "steps": 12, "batch_size": 8,
+                    "eval_every": 3, "max_length": 32, "optim": {"lr": 1e-3, "warmup_steps": 1},
+                    "data": {"dev_languages": ["de", "qu"]}},
+        **overrides,
+    })
+
+
+def trial_results(s3, bucket):
+    """Every trial's result.json line count, keyed by trial folder."""
+    objects = s3["client"].list_objects_v2(Bucket=bucket, Prefix="tune/tiny/")["Contents"]
+    counts = {}
+    for obj in objects:
+        if obj["Key"].endswith("/result.json"):
+            body = s3["client"].get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode()
+            counts[obj["Key"].split("/")[-2]] = len(body.splitlines())
+    return counts
+
+
+@pytest.mark.timeout(900)
+def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster, s3, tiny_model_dir, tiny_teacher_dir, tmp_path):
+    bucket = s3["bucket"]
+    cfg = sweep_config(tiny_model_dir, tiny_teacher_dir, bucket)
+    result = run_sweep(cfg)
+
+    trials = pacsv.read_csv(io.BytesIO(storage.read_bytes(f"s3://{bucket}/tune/tiny/trials.csv"))).to_pylist()
+    assert len(trials) == 4 and all(t["status"] == "OK" for t in trials)
+    assert all(0.01 <= t["sinkhorn_reg"] <= 1.0 and 0.02 <= t["temperature"] <= 0.5 for t in trials)
+    steps = sorted(t["steps"] for t in trials)
+    assert steps[-1] == 12 and steps[0] < 12, f"ASHA stopped no trial early: {steps}"
+    assert result.trial_steps == sum(steps) < 4 * 12
+    assert storage.read_bytes(f"s3://{bucket}/tune/tiny/sweep.png")[:4] == b"\x89PNG"
+
+    best = yaml.safe_load(storage.read_bytes(f"s3://{bucket}/tune/tiny/best.yaml"))
+    finished = [t for t in trials if t["steps"] == 12]
+    top = max(finished, key=lambda t: t["objective"])
+    assert best["loss"]["sinkhorn_reg"] == pytest.approx(top["sinkhorn_reg"])
+    assert best["loss"]["temperature"] == pytest.approx(top["temperature"])
+    best_path = tmp_path / "best.yaml"
+    best_path.write_text(yaml.safe_dump(best))
+    trained = distill(load_config(DistillConfig, best_path, {"steps": 2, "output_dir": str(tmp_path / "best")}), progress=False)
+    assert (trained.model_dir / "model.safetensors").is_file()
+
+    # Resuming the finished sweep reruns nothing: every trial's results stay as they were.
+    before = trial_results(s3, bucket)
+    again = run_sweep(cfg, resume=True)
+    assert trial_results(s3, bucket) == before and again.trials.num_rows == 4
+    assert json.dumps(sorted(again.trials.column("objective").to_pylist())) == json.dumps(sorted(t["objective"] for t in trials))
+
+
+def test_sweep_config_errors_name_the_key(tiny_model_dir):
+    with pytest.raises(ConfigError, match="objective must be one of low_r1, mean_r1, neg_gap"):
+        make_tuner(load_config(SweepConfig, {"objective": "best"}))
+    with pytest.raises(ConfigError, match="search.sinkhorn_reg must be"):
+        make_tuner(load_config(SweepConfig, {"search": {"sinkhorn_reg": [1.0, 0.1]}, "distill": {"eval_every": 5}}))
+    with pytest.raises(ConfigError, match="eval_every must be > 0 for ASHA"):
+        make_tuner(load_config(SweepConfig, {}))
