@@ -93,9 +93,9 @@ def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
     filesystem, path = storage.resolve(cfg.storage_path)
     resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
     trainable = tune.with_resources(run_trial, resources)
-    experiment = storage.join(cfg.storage_path, cfg.name)
+    experiment = storage.join(path, cfg.name)  # inside `filesystem`: no s3:// scheme
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
-        log.info("resuming the sweep at %s: finished trials are kept", experiment)
+        log.info("resuming the sweep at %s: finished trials are kept", storage.join(cfg.storage_path, cfg.name))
         return tune.Tuner.restore(experiment, trainable, storage_filesystem=filesystem, resume_errored=True)
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.distill.steps,
@@ -109,8 +109,8 @@ def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=cfg.max_concurrent_trials,
-                                    search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+                                    search_alg=BasicVariantGenerator(random_state=cfg.seed,
+                                                                     max_concurrent=cfg.max_concurrent_trials)),
         run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
