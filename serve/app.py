@@ -11,10 +11,11 @@ OpenAPI docs at ``/docs``).
 
 When ``OPTICAL_RAY_API_KEY`` is set, every route but ``/healthz`` needs the key, as
 ``X-API-Key: KEY``, ``Authorization: Bearer KEY`` or HTTP Basic auth with KEY as the password (so a
-browser can open the search page); the key is never logged.
+browser can open the search page); the key is never logged. Set it in the environment of the Ray
+node processes (``OPTICAL_RAY_API_KEY=... ray start``, or a Kubernetes Secret in the pod spec), never
+in a runtime_env's ``env_vars``: Ray writes those to its logs and keeps them in the cluster state.
+The ``api_key_env`` argument names another variable, for apps that need keys of their own.
 """
-
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -140,7 +141,7 @@ def _presented_key(request: Request) -> str | None:
 
 @app.middleware("http")
 async def require_api_key(request: Request, call_next):
-    expected = os.environ.get(API_KEY_ENV)
+    expected = os.environ.get(getattr(request.app.state, "api_key_env", API_KEY_ENV))
     path = request.scope["path"].removeprefix(request.scope.get("root_path", "").rstrip("/"))
     if expected and path != "/healthz":
         presented = _presented_key(request)
@@ -163,8 +164,9 @@ async def readable_validation_error(request: Request, exc: RequestValidationErro
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class SearchAPI:
-    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle):
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, api_key_env: str = API_KEY_ENV):
         self.encoder, self.retriever = encoder, retriever
+        app.state.api_key_env = api_key_env
 
     @app.post("/search", response_model=SearchResponse)
     async def search(self, request: SearchRequest) -> dict:
@@ -187,4 +189,4 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError(f"serve app needs the argument(s) {', '.join(missing)} (e.g. model=student-init index_uri=runs/index)")
     encoder = QueryEncoder.bind(args["model"])
     retriever = Retriever.bind(args["index_uri"])
-    return SearchAPI.bind(encoder, retriever)
+    return SearchAPI.bind(encoder, retriever, args.get("api_key_env", API_KEY_ENV))

@@ -16,6 +16,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from conftest import TEST_API_KEY as API_KEY
+from conftest import TEST_API_KEY_ENV
 from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
@@ -24,7 +26,6 @@ from optical_ray.indexing import build_corpus_index
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CAPTIONS = str(SAMPLE_DIR / "test_2018_captions.parquet")
-API_KEY = "test-key-7d1f0c"
 
 
 def free_port() -> int:
@@ -61,7 +62,8 @@ def serve_config(port: int, index_uri: str) -> dict:
                                                 "upscale_delay_s": 1, "downscale_delay_s": 4, "metrics_interval_s": 0.5,
                                                 "look_back_period_s": 2}
     secure = copy.deepcopy(app)
-    secure.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"OPTICAL_RAY_API_KEY": API_KEY}})
+    secure.update(name="secure", route_prefix="/secure")
+    secure["args"]["api_key_env"] = TEST_API_KEY_ENV  # set in the cluster's environment (conftest)
     for deployment in secure["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
