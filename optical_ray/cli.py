@@ -79,6 +79,19 @@ def cmd_index(args: argparse.Namespace) -> None:
     print(f"index written to {args.out}")
 
 
+def cmd_experiment(args: argparse.Namespace) -> None:
+    import ray
+
+    from .config import ExperimentConfig, load_config
+    from .experiment import answer, run_experiment
+
+    cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
+    ray.init(address=args.address)
+    results = run_experiment(cfg)
+    print(answer(results))
+    print(f"report: {cfg.out_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
+
+
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
 
@@ -172,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("experiment", help="the research question: arms (0)-(3), dev-only choices, test gaps with CIs",
+                       description="Chooses the teacher and (sweep) epsilon/tau on the dev set, trains the MSE, "
+                                   "OT and OT + contrastive arms on Ray Train with the same data, steps and seed, "
+                                   "evaluates every arm on the test sets and writes RESULTS.md, results.json and "
+                                   "plots to out_dir. See configs/experiment.yaml.")
+    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.ExperimentConfig)")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", help="override a key")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")
     p = data.add_parser("prepare", help="caption tables -> English<->L bitext shards (Parquet, local or s3://)",

@@ -208,3 +208,29 @@ class SweepConfig:
     seed: int = 0
     storage_path: str = "runs/tune"  # local folder or s3://bucket/prefix
     name: str = "sweep"  # the same name and storage resume an interrupted sweep
+
+
+@dataclass
+class TestSet:
+    name: str = "test_2018"
+    data: list[str] = field(default_factory=lambda: _sample("test_2018_captions.parquet"))
+    query_langs: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
+    high: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh"])
+    low: list[str] = field(default_factory=lambda: ["ay", "gn", "qu"])
+
+
+@dataclass
+class ExperimentConfig:
+    """`optical-ray experiment`: does OT + contrastive distillation narrow the high/low-resource gap?
+
+    Arms share the student start, data, steps and seed: (0) no distillation, (1) MSE, (2) OT only,
+    (3) OT + contrastive. The teacher and (for arms 2 and 3) ε and τ are chosen on the dev set only.
+    """
+
+    distill: DistillConfig = field(default_factory=DistillConfig)  # data, steps, seed shared by every arm
+    teachers: list[str] = field(default_factory=lambda: ["student-init", "minilm-en"])
+    teacher_steps: int = 0  # steps of the MSE arm used to choose the teacher; 0: distill.steps
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # its `distill` is replaced by the arm's
+    test_sets: list[TestSet] = field(default_factory=lambda: [TestSet()])
+    bootstrap: int = 1000  # resamples for the 95% intervals of the gaps
+    out_dir: str = "runs/experiment"  # models, reports and plots; RESULTS.md is written here
