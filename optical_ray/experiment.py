@@ -147,7 +147,8 @@ def answer(results: dict) -> str:
                      f"distillation) to {g['ot+contrastive']:.3f} (95% CI {lo:.3f}–{hi:.3f}, "
                      f"{100 * relative_change(g['ot+contrastive'], g['none']):+.0f}%), {versus} than MSE "
                      f"distillation ({g['mse']:.3f})")
-    return "; ".join(parts).capitalize() + "."
+    sentence = "; ".join(parts)
+    return sentence[0].upper() + sentence[1:] + "."
 
 
 def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
