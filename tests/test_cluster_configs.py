@@ -39,3 +39,13 @@ def test_kuberay_manifests_parse_and_pin_our_ray_version(name):
         assert argv[0] == "python" and Path(CLUSTER.parent, argv[1]).is_file()
         command = {"jobs/distill.py": "train", "jobs/sweep.py": "tune"}[argv[1]]
         build_parser().parse_args([command, *argv[2:]])
+
+
+def test_rayservice_embeds_the_serve_config():
+    service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    serve_config = yaml.safe_load((CLUSTER.parent / "serve" / "config.yaml").read_text())
+    assert embedded["applications"] == serve_config["applications"]
+    deployments = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
+    assert deployments["QueryEncoder"]["autoscaling_config"]["max_replicas"] > deployments["QueryEncoder"]["autoscaling_config"]["min_replicas"]
+    assert deployments["QueryEncoder"]["max_ongoing_requests"] >= deployments["QueryEncoder"]["user_config"]["max_batch_size"]

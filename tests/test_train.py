@@ -139,3 +139,13 @@ def test_submitted_as_a_ray_job(ray_cluster, s3, s3_bitext, tiny_model_dir, tmp_
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     assert "student saved to" in logs
     assert Encoder.load(tmp_path / "out" / "student").dim == 32
+
+
+def test_a_student_on_s3_loads_by_uri(s3, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTICAL_RAY_CACHE", str(tmp_path / "cache"))
+    uri = f"s3://{s3['bucket']}/students/tiny"
+    storage.copy_dir(str(tiny_model_dir), uri)
+    remote, local = Encoder.load(uri), Encoder.load(tiny_model_dir)
+    assert (remote.encode(["Ein Hund."], "query") == local.encode(["Ein Hund."], "query")).all()
+    with pytest.raises(FileNotFoundError, match="no config.json there"):
+        Encoder.load(f"s3://{s3['bucket']}/students/absent")
