@@ -19,12 +19,12 @@ import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-from ray import serve  # noqa: E402
+import httpx
+import numpy as np
+import ray
+from ray import serve
 
-from optical_ray.config import SAMPLE_DIR  # noqa: E402
+from optical_ray.config import SAMPLE_DIR
 
 QUERIES = ["Ein Hund rennt über eine Wiese.", "Dos niños juegan en la playa.", "Un homme fait du vélo.",
            "一个女人在读书。", "Allqu pampapi phawaykachan.", "Warmi liwru ñawirichkan."]

@@ -19,13 +19,12 @@ import time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-import ray  # noqa: E402
+import ray
 
-from optical_ray import storage  # noqa: E402
-from optical_ray.config import DistillConfig, load_config  # noqa: E402
-from optical_ray.data import bitext_pairs, read_captions, write_bitext_shards  # noqa: E402
-from optical_ray.distill import fit  # noqa: E402
-from optical_ray.train import run_training  # noqa: E402
+from optical_ray import storage
+from optical_ray.config import DistillConfig, load_config
+from optical_ray.data import bitext_pairs, read_captions, write_bitext_shards
+from optical_ray.distill import fit
 
 SHARED = "../shared/data/flickr30k-ml"
 
