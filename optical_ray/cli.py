@@ -116,6 +116,15 @@ def _key_value(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
+def _config_options(p: argparse.ArgumentParser, schema: str, example: str, ray: bool = True) -> None:
+    """--config, --set (and --address for commands that run on Ray), alike on every command."""
+    p.add_argument("--config", help=f"YAML file (keys as in optical_ray.config.{schema})")
+    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help=f"override a config key, e.g. --set {example} (repeatable)")
+    if ray:
+        p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optical-ray",
@@ -142,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distil a student on bitext in this process (see configs/distill.yaml)",
                        description="Train the student with the OT / contrastive / MSE objective from a YAML "
                                    "config, evaluate on the dev set and save it.")
-    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.DistillConfig); defaults: the demo")
-    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set loss.sinkhorn_reg=0.1 (repeatable)")
+    _config_options(p, "DistillConfig", "loss.sinkhorn_reg=0.1", ray=False)
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("train", help="distil on Ray Train: data-parallel workers, checkpoints, resume",
@@ -152,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "failures). Connects to RAY_ADDRESS (or the cluster of `ray job submit`); "
                                    "otherwise starts a local Ray. Rerunning with the same ray.name and "
                                    "ray.storage_path resumes from the latest checkpoint.")
-    p.add_argument("--config", help="YAML file (see configs/distill.yaml)")
-    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    _config_options(p, "DistillConfig", "ray.num_workers=4")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("tune", help="sweep Sinkhorn regularization and temperature on Ray Tune (ASHA)",
@@ -162,11 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "loss.temperature (log-uniform) and optional loss weights; ASHA stops weak "
                                    "trials at dev evaluations. Writes trials.csv, best.yaml and sweep.png to "
                                    "the sweep's storage. See configs/sweep.yaml.")
-    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.SweepConfig)")
-    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="override a key, e.g. --set num_samples=16 --set distill.steps=400")
+    _config_options(p, "SweepConfig", "num_samples=16")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name and storage")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("index", help="encode a caption corpus with Ray Data and build a FAISS index",
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-queries", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("experiment", help="the research question: arms (0)-(3), dev-only choices, test gaps with CIs",
@@ -191,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OT and OT + contrastive arms on Ray Train with the same data, steps and seed, "
                                    "evaluates every arm on the test sets and writes RESULTS.md, results.json and "
                                    "plots to out_dir. See configs/experiment.yaml.")
-    p.add_argument("--config", help="YAML file (keys as in optical_ray.config.ExperimentConfig)")
-    p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE", help="override a key")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    _config_options(p, "ExperimentConfig", "distill.steps=500")
     p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")

@@ -87,7 +87,7 @@ def s3():
             os.environ[key] = value
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -109,7 +109,7 @@ def ray_cluster(s3, tmp_path_factory):
 
     import ray
 
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tmp_path_factory.mktemp("ray")
     log_path = temp_dir / "ray-start.log"

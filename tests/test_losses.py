@@ -1,11 +1,11 @@
 import math
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 from torch.nn import functional as F
 
 from optical_ray.losses import (
@@ -76,12 +76,6 @@ def test_objective_sums_weighted_parts_and_skips_zero_weights():
         ContrastiveLoss(temperature=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gathered_worker(rank, world, port, queries, keys, tau, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     q = queries.clone().requires_grad_(True)
@@ -106,7 +100,7 @@ def test_gathered_contrastive_loss_with_two_workers_equals_the_union_batch(tmp_p
     keys = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
     tau = 0.1
     out = tmp_path / "two_workers.npz"
-    mp.spawn(_gathered_worker, args=(2, _free_port(), queries, keys, tau, str(out)), nprocs=2, join=True)
+    mp.spawn(_gathered_worker, args=(2, free_port(), queries, keys, tau, str(out)), nprocs=2, join=True)
     result = np.load(out)
 
     q, k = queries.clone().requires_grad_(True), keys.clone().requires_grad_(True)

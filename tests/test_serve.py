@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import TEST_API_KEY as API_KEY
-from conftest import TEST_API_KEY_ENV
+from conftest import TEST_API_KEY_ENV, free_port
 from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
@@ -26,14 +26,6 @@ from optical_ray.indexing import build_corpus_index
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CAPTIONS = str(SAMPLE_DIR / "test_2018_captions.parquet")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
