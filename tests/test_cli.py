@@ -1,0 +1,52 @@
+"""The command line: the eval report's fixed format (from an s3:// URI), errors that name the input,
+and --help on every command."""
+
+import json
+
+import pytest
+
+from optical_ray.cli import build_parser, main
+from optical_ray.config import SAMPLE_DIR
+
+
+def test_eval_writes_the_report_format_from_s3(s3, tiny_model_dir, tmp_path, capsys):
+    key = "eval/test_2018.parquet"
+    s3["client"].upload_file(str(SAMPLE_DIR / "test_2018_captions.parquet"), s3["bucket"], key)
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(tiny_model_dir), "--data", f"s3://{s3['bucket']}/{key}",
+                 "--query-langs", "de,fr,ay,qu", "--corpus-lang", "en", "--high", "de,fr", "--low", "ay,qu",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"languages", "gap"}
+    for lang in ("de", "fr", "ay", "qu"):
+        metrics = report["languages"][lang]
+        assert set(metrics) == {"R@1", "R@5", "R@10", "MRR", "n_queries"} and metrics["n_queries"] == 1071
+        assert 0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1
+    r1 = {lang: m["R@1"] for lang, m in report["languages"].items()}
+    assert report["gap"]["high"] == ["de", "fr"] and report["gap"]["low"] == ["ay", "qu"]
+    assert report["gap"]["R@1"] == pytest.approx((r1["de"] + r1["fr"]) / 2 - (r1["ay"] + r1["qu"]) / 2)
+    assert "| de | high |" in (out / "report.md").read_text()
+    assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "no-such-model", "--data", "x.parquet", "--query-langs", "de", "--out", "o"],
+     "no such file or folder"),
+    (["eval", "--model", "student-init", "--data", str(SAMPLE_DIR / "val_captions.parquet"), "--query-langs", "xx",
+      "--out", "o"], "unknown language code(s) xx"),
+    (["distill", "--set", "stepz=3"], "unknown key stepz"),
+])
+def test_errors_name_the_bad_input_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    for command in ("eval", "distill", "train", "tune", "index", "experiment", "demo"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: optical-ray " + command in capsys.readouterr().out
