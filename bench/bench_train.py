@@ -53,8 +53,10 @@ def ray_pairs_per_s(cfg: DistillConfig) -> float:
 
     from ray.train.torch import TorchTrainer
 
-    from optical_ray.config import to_dict
+    from optical_ray.config import to_dict, with_absolute_paths
     from optical_ray.train import run_config, scaling_config, training_dataset
+
+    cfg = with_absolute_paths(cfg)
 
     result = TorchTrainer(loop, train_loop_config={"distill": to_dict(cfg)}, scaling_config=scaling_config(cfg),
                           run_config=run_config(cfg), datasets={"train": training_dataset(cfg)}).fit()

@@ -7,7 +7,9 @@ models and the sample data bundled with the package.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +98,22 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+def with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """A copy whose local paths are absolute: Ray Train workers and Tune trials run in other working
+    directories, where a path relative to the submitting shell means nothing. s3:// URIs and shipped
+    model names are left as they are."""
+    def fix(path: str) -> str:
+        return path if path.startswith("s3://") else os.path.abspath(path)
+
+    cfg = copy.deepcopy(cfg)
+    d = cfg.data
+    d.train, d.dev, d.exclude_images_from = [fix(p) for p in d.train], [fix(p) for p in d.dev], [fix(p) for p in d.exclude_images_from]
+    d.bitext = fix(d.bitext) if d.bitext else None
+    cfg.output_dir, cfg.ray.storage_path = fix(cfg.output_dir), fix(cfg.ray.storage_path)
+    cfg.student, cfg.teacher = (fix(m) if os.path.exists(m) else m for m in (cfg.student, cfg.teacher))
+    return cfg
 
 
 def load_config(cls: type, source: str | Path | dict | None = None, overrides: dict | None = None):

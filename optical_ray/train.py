@@ -24,7 +24,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from . import data, storage
-from .config import DistillConfig, load_config, to_dict
+from .config import DistillConfig, load_config, to_dict, with_absolute_paths
 from .distill import Distiller, dev_metrics, dev_report, load_bitext, load_models, seed_everything
 from .evaluate import write_report
 from .models import Encoder
@@ -136,6 +136,7 @@ def scaling_config(cfg: DistillConfig) -> ScalingConfig:
 def run_training(cfg: DistillConfig, train_loop: Callable[[dict], None] = train_loop_per_worker) -> Path | str:
     """Fit on the connected Ray cluster, then export the final student to ``output_dir/student`` and
     its dev report to ``output_dir/dev`` (local or s3://). Returns the student's location."""
+    cfg = with_absolute_paths(cfg)
     Encoder.load(cfg.student)  # fail early, in the driver, on a bad model name or folder
     trainer = TorchTrainer(
         train_loop,

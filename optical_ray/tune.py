@@ -33,7 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from . import storage
-from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict
+from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
                                   reduction_factor=cfg.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    param_space = {"distill": to_dict(cfg.distill), "objective": cfg.objective, "cpus": cfg.cpus_per_trial,
+    param_space = {"distill": to_dict(with_absolute_paths(cfg.distill)), "objective": cfg.objective, "cpus": cfg.cpus_per_trial,
                    **search_space(cfg)}
     return tune.Tuner(
         trainable,

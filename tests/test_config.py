@@ -34,3 +34,18 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(DistillConfig, tmp_path / "absent.yaml")
+
+
+def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
+    from optical_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    cfg = load_config(DistillConfig, {"student": "model", "teacher": "minilm-en", "output_dir": "out",
+                                      "data": {"train": ["a.parquet", "s3://b/c.parquet"], "bitext": "shards"},
+                                      "ray": {"storage_path": "s3://bucket/runs"}})
+    fixed = with_absolute_paths(cfg)
+    assert fixed.data.train == [str(tmp_path / "a.parquet"), "s3://b/c.parquet"]
+    assert fixed.data.bitext == str(tmp_path / "shards") and fixed.output_dir == str(tmp_path / "out")
+    assert fixed.student == str(tmp_path / "model") and fixed.teacher == "minilm-en"
+    assert fixed.ray.storage_path == "s3://bucket/runs" and cfg.output_dir == "out"  # the original is unchanged
