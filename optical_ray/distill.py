@@ -22,7 +22,7 @@ from . import data, storage
 from .config import DistillConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
-from .models import Encoder
+from .models import Encoder, EncoderOutput
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ class Distiller:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
             with torch.no_grad():
                 teacher_out = self.teacher(self.teacher.tokenize(english, "query"))
-            student_out = self.model(self.student.tokenize(translation, "query"))
-            student_en = self.model(self.student.tokenize(english, "query")) if self.objective.needs_student_english else None
+            if self.objective.needs_student_english:
+                # One forward pass over both sides: DDP expects one forward per backward.
+                both = self.model(self.student.tokenize(translation + english, "query"))
+                student_out, student_en = split_output(both, len(translation))
+            else:
+                student_out, student_en = self.model(self.student.tokenize(translation, "query")), None
             loss, parts = self.objective(teacher_out, student_out, student_en)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step_count}: loss is {float(loss)} ({parts})")
@@ -120,6 +124,14 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+
+
+def split_output(out: EncoderOutput, n: int) -> tuple[EncoderOutput, EncoderOutput]:
+    """The first ``n`` rows of a batched encoder output, and the rest."""
+    def part(rows: slice) -> EncoderOutput:
+        return EncoderOutput(out.token_states[rows], out.content_mask[rows], out.embedding[rows])
+
+    return part(slice(0, n)), part(slice(n, None))
 
 
 def dev_report(cfg: DistillConfig, student: Encoder, dev_captions: pa.Table, progress: bool = False) -> dict:
