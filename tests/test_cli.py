@@ -50,3 +50,20 @@ def test_every_command_has_help(capsys):
             parser.parse_args([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: optical-ray " + command in capsys.readouterr().out
+
+
+def test_data_prepare_writes_bitext_shards_without_evaluation_images(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from optical_ray.data import check_bitext_shards, image_ids
+
+    out = tmp_path / "bitext"
+    val = str(SAMPLE_DIR / "val_captions.parquet")
+    code = main(["data", "prepare", "--captions", str(SAMPLE_DIR / "train_captions.parquet"), "--captions", val,
+                 "--languages", "de,qu", "--exclude-images-from", val, "--out", str(out), "--rows-per-shard", "1000"])
+    assert code == 0
+    shards = check_bitext_shards(str(out))
+    assert len(shards) == 3  # 3,000 pairs (1,500 images x 2 languages) in shards of 1,000
+    pairs = pq.read_table(out)
+    assert pairs.num_rows == 3000 and not set(pairs["image_id"].to_pylist()) & image_ids([val])
+    assert "600 evaluation images" in capsys.readouterr().out  # 300 val images x 2 languages, counted
