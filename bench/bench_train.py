@@ -31,7 +31,6 @@ SHARED = "../shared/data/flickr30k-ml"
 
 def ray_pairs_per_s(cfg: DistillConfig) -> float:
     """Steady pairs/s of a Ray Train run: its last reported pairs_per_s (timed from the first step)."""
-    reported = []
 
     def loop(config):
         from optical_ray import distill
@@ -60,8 +59,7 @@ def ray_pairs_per_s(cfg: DistillConfig) -> float:
 
     result = TorchTrainer(loop, train_loop_config={"distill": to_dict(cfg)}, scaling_config=scaling_config(cfg),
                           run_config=run_config(cfg), datasets={"train": training_dataset(cfg)}).fit()
-    reported.append(result.metrics["pairs_per_s"])
-    return reported[0]
+    return result.metrics["pairs_per_s"]
 
 
 def main() -> None:
