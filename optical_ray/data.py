@@ -170,29 +170,12 @@ def image_ids(uris: list[str]) -> set[str]:
     return set(read_captions(uris)["image_id"].to_pylist())
 
 
-@dataclass
-class RetrievalSet:
-    """Queries in one language and the corpus of English captions they should find."""
-
-    query_texts: list[str]
-    query_images: np.ndarray  # object array of image ids
-    corpus_texts: list[str]
-    corpus_images: np.ndarray
-
-
-def retrieval_set(captions: pa.Table, query_lang: str, corpus_lang: str = "en") -> RetrievalSet:
-    """Every caption in ``query_lang`` is a query; the corpus is the distinct (image, caption) rows
-    in ``corpus_lang`` (the same caption from two source tables counts once)."""
-    queries = captions.filter(pc.equal(captions["lang"], query_lang))
+def query_captions(captions: pa.Table, lang: str) -> pa.Table:
+    """Every caption in ``lang``, in order: the queries of a retrieval evaluation."""
+    queries = captions.filter(pc.equal(captions["lang"], lang))
     if queries.num_rows == 0:
-        raise DataError(f"no captions in query language {query_lang!r} in the evaluation data")
-    corpus = corpus_captions(captions, corpus_lang)
-    return RetrievalSet(
-        query_texts=queries["text"].to_pylist(),
-        query_images=np.asarray(queries["image_id"].to_pylist(), dtype=object),
-        corpus_texts=corpus["text"].to_pylist(),
-        corpus_images=np.asarray(corpus["image_id"].to_pylist(), dtype=object),
-    )
+        raise DataError(f"no captions in query language {lang!r} in the evaluation data")
+    return queries
 
 
 def corpus_captions(captions: pa.Table, lang: str = "en") -> pa.Table:

@@ -158,6 +158,11 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
+def evaluation_due(cfg: DistillConfig, step: int) -> bool:
+    """Whether step ``step`` ends with a dev evaluation: every ``eval_every`` steps and the last one."""
+    return step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+
+
 def fit(cfg: DistillConfig, progress: bool = True, on_metrics: Callable[[dict], None] | None = None
         ) -> tuple[Encoder, dict, list[dict]]:
     """Train for ``cfg.steps`` and evaluate on the dev set every ``eval_every`` steps and at the end.
@@ -182,7 +187,7 @@ def fit(cfg: DistillConfig, progress: bool = True, on_metrics: Callable[[dict], 
         metrics.update(step=step, pairs_per_s=step * cfg.batch_size / (time.perf_counter() - start))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        evaluate_now = step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)
+        evaluate_now = evaluation_due(cfg, step)
         if evaluate_now:
             report = dev_report(cfg, student, dev_captions, progress=progress and step == cfg.steps)
             metrics.update(dev_metrics(report))

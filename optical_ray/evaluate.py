@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import metrics
-from .data import retrieval_set
+from .data import corpus_captions, query_captions
 from .models import Encoder
 
 HIGH_RESOURCE = ["de", "fr", "es", "zh"]
@@ -24,19 +24,19 @@ LOW_RESOURCE = ["ay", "gn", "qu"]
 def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
                  batch_size: int = 64, progress: bool = True) -> dict[str, np.ndarray]:
     """Per language, the 1-based rank of each query's first caption of its own image."""
-    corpus = retrieval_set(captions, query_langs[0], corpus_lang)
-    corpus_emb = encoder.encode(corpus.corpus_texts, "passage", batch_size,
+    corpus = corpus_captions(captions, corpus_lang)
+    corpus_emb = encoder.encode(corpus["text"].to_pylist(), "passage", batch_size,
                                 progress=f"encode {corpus_lang} corpus" if progress else None)
-    labels, corpus_labels = np.unique(corpus.corpus_images, return_inverse=True)
+    labels, corpus_labels = np.unique(np.asarray(corpus["image_id"].to_pylist(), dtype=object), return_inverse=True)
     ranks = {}
     for lang in query_langs:
-        queries = retrieval_set(captions, lang, corpus_lang)
-        query_emb = encoder.encode(queries.query_texts, "query", batch_size,
+        queries = query_captions(captions, lang)
+        query_images = np.asarray(queries["image_id"].to_pylist(), dtype=object)
+        query_emb = encoder.encode(queries["text"].to_pylist(), "query", batch_size,
                                    progress=f"encode {lang} queries" if progress else None)
         # Queries whose image has no corpus caption get label -1: never a hit, but still counted.
-        pos = np.searchsorted(labels, queries.query_images)
-        pos = np.minimum(pos, len(labels) - 1)
-        query_labels = np.where(labels[pos] == queries.query_images, pos, -1)
+        pos = np.minimum(np.searchsorted(labels, query_images), len(labels) - 1)
+        query_labels = np.where(labels[pos] == query_images, pos, -1)
         ranks[lang] = metrics.ranks_by_label(query_emb, corpus_emb, query_labels, corpus_labels)
     return ranks
 

@@ -58,7 +58,7 @@ def build_corpus_index(model: str, data_uris: list[str], out_uri: str, factory: 
     encoder = Encoder.load(model)
     rng = np.random.default_rng(seed)
     for query_lang in data.check_languages(query_langs or [], "query languages"):
-        texts = data.retrieval_set(captions, query_lang, lang).query_texts
+        texts = data.query_captions(captions, query_lang)["text"].to_pylist()
         sample = [texts[i] for i in rng.choice(len(texts), min(sample_queries, len(texts)), replace=False)]
         recall[query_lang] = recall_vs_exact(index, vectors, encoder.encode(sample, "query"), k=10)
     metadata = pa.table({"id": pa.array(np.arange(corpus.num_rows)), "image_id": corpus["image_id"], "text": corpus["text"]})

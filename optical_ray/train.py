@@ -25,7 +25,7 @@ from ray.train.torch import TorchTrainer
 
 from . import data, storage
 from .config import DistillConfig, load_config, to_dict, with_absolute_paths
-from .distill import Distiller, dev_metrics, dev_report, load_bitext, load_models, seed_everything
+from .distill import Distiller, dev_metrics, dev_report, evaluation_due, load_bitext, load_models, seed_everything
 from .evaluate import write_report
 from .models import Encoder
 
@@ -70,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
             pairs_seen += cfg.batch_size
             metrics.update(step=step, pairs_per_s=pairs_seen / (time.perf_counter() - start))
             final = step == cfg.steps
-            if final or (cfg.eval_every and step % cfg.eval_every == 0):
+            if evaluation_due(cfg, step):
                 report_checkpoint(cfg, rank, student, distiller, dev_captions, metrics, final)
             elif step % cfg.log_every == 0:
                 ray.train.report(metrics)

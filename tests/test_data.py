@@ -104,11 +104,11 @@ def test_real_shared_bitext_keeps_evaluation_images_out(shared_data):
     assert len(set(entities["image_id"].to_pylist()) & test_images) == 944
 
 
-def test_retrieval_set_dedupes_corpus_and_keeps_queries():
+def test_corpus_is_deduplicated_and_queries_kept_in_order():
     table = captions([("a", 0, "en", "x", "s1"), ("a", 0, "en", "x", "s2"), ("b", 0, "en", "x", "s1"),
                       ("a", 0, "de", "q1", "s1"), ("b", 0, "de", "q2", "s1")])
-    rs = data.retrieval_set(table, "de")
-    assert rs.corpus_texts == ["x", "x"] and list(rs.corpus_images) == ["a", "b"]
-    assert rs.query_texts == ["q1", "q2"]
+    corpus = data.corpus_captions(table)
+    assert corpus["text"].to_pylist() == ["x", "x"] and corpus["image_id"].to_pylist() == ["a", "b"]
+    assert data.query_captions(table, "de")["text"].to_pylist() == ["q1", "q2"]
     with pytest.raises(DataError, match="no captions in query language 'fr'"):
-        data.retrieval_set(table, "fr")
+        data.query_captions(table, "fr")

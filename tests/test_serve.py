@@ -105,10 +105,10 @@ def test_index_manifest_reports_recall_and_checksum(indexes):
 
 
 def test_search_finds_the_captions_of_the_query_image(service):
-    from optical_ray.data import read_captions, retrieval_set
+    from optical_ray.data import query_captions, read_captions
 
-    rs = retrieval_set(read_captions(TEST_CAPTIONS), "de")
-    queries, images = rs.query_texts[:20], list(rs.query_images[:20])
+    de = query_captions(read_captions(TEST_CAPTIONS), "de").slice(0, 20)
+    queries, images = de["text"].to_pylist(), de["image_id"].to_pylist()
     response = httpx.post(f"{service['url']}/search", json={"queries": queries, "k": 5}, timeout=60)
     assert response.status_code == 200, response.text
     results = response.json()["results"]
