@@ -10,6 +10,7 @@ and two plots. Test data is used for nothing but the final evaluation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -85,7 +86,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     started = time.time()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "experiment.yaml")
 
     # 1. The teacher, chosen on the dev set with the baseline's (MSE) objective.
     teacher_steps = cfg.teacher_steps or cfg.distill.steps
@@ -101,6 +101,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     sweep_cfg = copy.deepcopy(cfg.sweep)
     sweep_cfg.distill = arm_config(cfg, "ot+contrastive", teacher, out)
     sweep_cfg.storage_path, sweep_cfg.name = str((out / "tune").resolve()), "sweep"
+    # Saved with the sweep's effective distill section (the teacher is known only now).
+    save_config(dataclasses.replace(cfg, sweep=sweep_cfg), out / "experiment.yaml")
     sweep = run_sweep(sweep_cfg)
     if sweep.best is None:
         raise RuntimeError(f"no sweep trial finished; see {out / 'tune' / 'sweep' / 'trials.csv'}")

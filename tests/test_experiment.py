@@ -25,6 +25,8 @@ def test_experiment_runs_every_arm_and_writes_the_report(ray_cluster, tiny_model
     out = tmp_path / "exp"
     saved = json.loads((out / "results.json").read_text())
     assert saved["teacher"] in cfg.teachers and set(saved["teacher_dev_scores"]) == set(cfg.teachers)
+    swept = load_config(ExperimentConfig, str(out / "experiment.yaml")).sweep.distill  # what the sweep ran
+    assert swept.teacher == saved["teacher"] and swept.student == str(tiny_model_dir) and swept.eval_every == 2
     assert saved["sweep_trials"] == 2 and 1e-3 <= saved["sinkhorn_reg"] <= 1.0
     arms = saved["tests"]["sample_2018"]
     assert list(arms) == list(ARMS)
