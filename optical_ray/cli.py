@@ -118,7 +118,8 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def _config_options(p: argparse.ArgumentParser, schema: str, example: str, ray: bool = True) -> None:
     """--config, --set (and --address for commands that run on Ray), alike on every command."""
-    p.add_argument("--config", help=f"YAML file (keys as in optical_ray.config.{schema})")
+    p.add_argument("--config", help=f"YAML file (keys as in optical_ray.config.{schema}); without it, the "
+                                     "defaults: bundled sample data, shipped models")
     p.add_argument("--set", action="append", type=_key_value, metavar="KEY=VALUE",
                    help=f"override a config key, e.g. --set {example} (repeatable)")
     if ray:

@@ -27,11 +27,11 @@ def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], c
     corpus = corpus_captions(captions, corpus_lang)
     corpus_emb = encoder.encode(corpus["text"].to_pylist(), "passage", batch_size,
                                 progress=f"encode {corpus_lang} corpus" if progress else None)
-    labels, corpus_labels = np.unique(np.asarray(corpus["image_id"].to_pylist(), dtype=object), return_inverse=True)
+    labels, corpus_labels = np.unique(corpus["image_id"].to_numpy(), return_inverse=True)
     ranks = {}
     for lang in query_langs:
         queries = query_captions(captions, lang)
-        query_images = np.asarray(queries["image_id"].to_pylist(), dtype=object)
+        query_images = queries["image_id"].to_numpy()
         query_emb = encoder.encode(queries["text"].to_pylist(), "query", batch_size,
                                    progress=f"encode {lang} queries" if progress else None)
         # Queries whose image has no corpus caption get label -1: never a hit, but still counted.
