@@ -47,7 +47,7 @@ def main() -> None:
     english, translation = next(batches(load_bitext(cfg), args.batch, seed=0))
     student, teacher = load_models(cfg, torch.device("cpu"))
     with torch.no_grad():
-        t_out = teacher(teacher.tokenize(english, "query"))
+        t_out = teacher(teacher.tokenize(english, "passage"))
         s_out = student(student.tokenize(translation, "query"))
     x, xm, y, ym = t_out.token_states, t_out.content_mask, s_out.token_states, s_out.content_mask
     lengths = xm.sum(1).float()

@@ -97,11 +97,15 @@ class Distiller:
     def step(self, english: list[str], translation: list[str]) -> dict[str, float]:
         self.model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            # Each side is encoded as retrieval will use it: translations are queries, English
+            # sentences are the corpus (E5's "passage:"). Teaching translations to match English
+            # *queries* would pull them away from what the index holds.
             with torch.no_grad():
-                teacher_out = self.teacher(self.teacher.tokenize(english, "query"))
+                teacher_out = self.teacher(self.teacher.tokenize(english, "passage"))
             if self.objective.needs_student_english:
                 # One forward pass over both sides: DDP expects one forward per backward.
-                both = self.model(self.student.tokenize(translation + english, "query"))
+                prompts = ["query"] * len(translation) + ["passage"] * len(english)
+                both = self.model(self.student.tokenize(translation + english, prompts))
                 student_out, student_en = split_output(both, len(translation))
             else:
                 student_out, student_en = self.model(self.student.tokenize(translation, "query")), None

@@ -72,14 +72,24 @@ def dev_objective(report: dict, objective: str) -> float:
     return float(OBJECTIVES[objective](dev_metrics(report)))
 
 
-def evaluate_arm(model: str, test: TestSet, captions, bootstrap: int, seed: int) -> dict:
-    ranks = rank_queries(Encoder.load(model), captions, test.query_langs, progress=False)
-    report = build_report(ranks, test.high, test.low)
-    hits = {lang: (r <= 1).astype(float) for lang, r in ranks.items()}
-    high = [lang for lang in test.high if lang in hits]
-    low = [lang for lang in test.low if lang in hits]
-    report["gap"]["ci95"] = list(metrics.bootstrap_gap_ci(hits, high, low, n_resamples=bootstrap, seed=seed))
-    return report
+def evaluate_arms(models: dict[str, str], test: TestSet, captions, bootstrap: int, seed: int) -> dict[str, dict]:
+    """Each arm's report on one test set. Its gap carries a bootstrap interval (``ci95``) and, for
+    every other arm, the paired interval of the gap difference (``diff_ci95[other]``: this arm's gap
+    minus the other's, over the same resampled queries)."""
+    hits, reports = {}, {}
+    for arm, model in models.items():
+        ranks = rank_queries(Encoder.load(model), captions, test.query_langs, progress=False)
+        reports[arm] = build_report(ranks, test.high, test.low)
+        hits[arm] = {lang: (r <= 1).astype(float) for lang, r in ranks.items()}
+    high = [lang for lang in test.high if lang in test.query_langs]
+    low = [lang for lang in test.low if lang in test.query_langs]
+    for arm, report in reports.items():
+        gap = report["gap"]
+        gap["ci95"] = list(metrics.bootstrap_gap_ci(hits[arm], high, low, n_resamples=bootstrap, seed=seed))
+        gap["diff_ci95"] = {other: list(metrics.bootstrap_gap_ci(hits[arm], high, low, n_resamples=bootstrap,
+                                                                  seed=seed, baseline=hits[other]))
+                            for other in reports if other != arm}
+    return reports
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
@@ -122,8 +132,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                "sweep_trials": sweep.trials.num_rows, "tests": {}}
     for test in cfg.test_sets:
         captions = data.read_captions(test.data)
-        results["tests"][test.name] = {
-            arm: evaluate_arm(model, test, captions, cfg.bootstrap, cfg.distill.seed) for arm, model in models.items()}
+        results["tests"][test.name] = evaluate_arms(models, test, captions, cfg.bootstrap, cfg.distill.seed)
     results["wall_time_s"] = time.time() - started
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -137,18 +146,28 @@ def relative_change(gap: float, reference: float) -> float:
     return (gap - reference) / reference if reference else float("nan")
 
 
+def versus(gap: dict, other: str) -> str:
+    """Whether a gap is smaller or larger than ``other``'s, judged by the paired 95% interval of
+    their difference: 'smaller', 'larger' or 'not clearly different'."""
+    lo, hi = gap["diff_ci95"][other]
+    return "smaller" if hi < 0 else "larger" if lo > 0 else "not clearly different"
+
+
 def answer(results: dict) -> str:
     """One sentence stating the measured answer on each test set."""
     parts = []
     for name, arms in results["tests"].items():
         g = {arm: r["gap"]["R@1"] for arm, r in arms.items()}
-        lo, hi = arms["ot+contrastive"]["gap"]["ci95"]
-        verdict = "narrowed" if hi < g["none"] else "did not clearly narrow"
-        versus = "more" if g["ot+contrastive"] < g["mse"] else "less"
+        ours = arms["ot+contrastive"]["gap"]
+        lo, hi = ours["diff_ci95"]["none"]
+        verdict = {"smaller": "narrowed", "larger": "widened",
+                   "not clearly different": "did not clearly change"}[versus(ours, "none")]
+        vs_mse = {"smaller": "narrower than", "larger": "wider than",
+                  "not clearly different": "not clearly different from"}[versus(ours, "mse")]
         parts.append(f"on {name} OT + contrastive distillation {verdict} the R@1 gap from {g['none']:.3f} (no "
-                     f"distillation) to {g['ot+contrastive']:.3f} (95% CI {lo:.3f}–{hi:.3f}, "
-                     f"{100 * relative_change(g['ot+contrastive'], g['none']):+.0f}%), {versus} than MSE "
-                     f"distillation ({g['mse']:.3f})")
+                     f"distillation) to {g['ot+contrastive']:.3f} "
+                     f"({100 * relative_change(g['ot+contrastive'], g['none']):+.0f}%; paired 95% CI of the change "
+                     f"{lo:+.3f} to {hi:+.3f}), {vs_mse} MSE distillation's {g['mse']:.3f}")
     sentence = "; ".join(parts)
     return sentence[0].upper() + sentence[1:] + "."
 
@@ -168,7 +187,9 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
          f"lr {d.optim.lr:g}."),
         ("- Queries in each language retrieve among the English captions of the same images; gap = mean R@1 "
          "of the high group minus mean R@1 of the low group, with a 95% percentile-bootstrap interval over "
-         f"queries ({cfg.bootstrap} resamples)."),
+         f"queries ({cfg.bootstrap} resamples). \"vs (0)\" and \"vs (1)\" give the relative change of the gap "
+         "and, in brackets, the paired 95% interval of its absolute change (the same resampled queries for "
+         "both arms); a change whose interval excludes 0 is called clear."),
     ]
     lines = ["# Does OT + contrastive distillation narrow the high/low-resource R@1 gap?", "",
              f"**Answer.** {answer(results)}", "", "## Method", "", *method, ""]
@@ -181,10 +202,8 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
         for arm, report in arms.items():
             g = report["gap"]
             cells = " | ".join(f"{report['languages'][lang]['R@1']:.3f}" for lang in langs)
-            vs_none = relative_change(g["R@1"], arms["none"]["gap"]["R@1"])
-            vs_mse = relative_change(g["R@1"], arms["mse"]["gap"]["R@1"])
             lines.append(f"| {LABELS[arm]} | {cells} | {g['R@1']:.3f} | {g['ci95'][0]:.3f}–{g['ci95'][1]:.3f} | "
-                         f"{100 * vs_none:+.0f}% | {100 * vs_mse:+.0f}% |")
+                         f"{change_cell(arms, arm, 'none')} | {change_cell(arms, arm, 'mse')} |")
         lines += ["", f"High: {', '.join(gap['high'])}; low: {', '.join(gap['low'])}.", ""]
     machine = results["machine"]
     lines += ["## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
@@ -193,6 +212,14 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
               ("Plots: `r1_by_arm.png`, `gap_by_arm.png`. Every number here is in `results.json`, written by the "
                "command above."), ""]
     return "\n".join(lines)
+
+
+def change_cell(arms: dict, arm: str, reference: str) -> str:
+    if arm == reference:
+        return "—"
+    gap = arms[arm]["gap"]
+    lo, hi = gap["diff_ci95"][reference]
+    return f"{100 * relative_change(gap['R@1'], arms[reference]['gap']['R@1']):+.0f}% [{lo:+.3f}, {hi:+.3f}]"
 
 
 def plot_results(results: dict, out: Path) -> None:

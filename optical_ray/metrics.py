@@ -57,14 +57,28 @@ def resource_gap(recall_by_lang: dict[str, float], high: list[str], low: list[st
 
 
 def bootstrap_gap_ci(hits_by_lang: dict[str, np.ndarray], high: list[str], low: list[str],
-                     n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                     n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                     baseline: dict[str, np.ndarray] | None = None) -> tuple[float, float]:
     """Percentile bootstrap interval of :func:`resource_gap`, resampling each language's queries
-    (0/1 hit indicators) independently with replacement."""
+    (0/1 hit indicators) independently with replacement.
+
+    With ``baseline`` -- the same queries' hits under another system, in the same order -- the
+    interval is of the gap *difference* (this system's gap minus the baseline's), each resample
+    drawing the same queries for both (a paired bootstrap). It is much narrower than comparing two
+    separate intervals, because per-query difficulty is shared by both systems.
+    """
     rng = np.random.default_rng(seed)
-    draws = np.empty(n_resamples)
-    for i in range(n_resamples):
-        means = {lang: rng.choice(h, size=len(h), replace=True).mean() for lang, h in hits_by_lang.items()}
-        draws[i] = resource_gap(means, high, low)
+    langs = [*high, *low]
+    draws = np.zeros(n_resamples)
+    for lang in langs:
+        hits = np.asarray(hits_by_lang[lang], dtype=float)
+        if baseline is not None:
+            if len(baseline[lang]) != len(hits):
+                raise ValueError(f"{lang}: {len(hits)} queries vs {len(baseline[lang])} in the baseline")
+            hits = hits - np.asarray(baseline[lang], dtype=float)
+        sign = 1.0 / len(high) if lang in high else -1.0 / len(low)
+        idx = rng.integers(0, len(hits), size=(n_resamples, len(hits)))
+        draws += sign * hits[idx].mean(axis=1)
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
     return float(lo), float(hi)

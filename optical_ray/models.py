@@ -174,16 +174,22 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def tokenize(self, texts: list[str], prompt: str | None = None) -> dict[str, torch.Tensor]:
-        prefix = self.prompts.get(prompt, "") if prompt else ""
+    def tokenize(self, texts: list[str], prompt: str | list[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask and content mask for ``texts``, each prefixed with its prompt:
+        one prompt name for all texts, or one per text (so queries and passages can share a batch)."""
+        names = prompt if isinstance(prompt, list) else [prompt] * len(texts)
+        if len(names) != len(texts):
+            raise ValueError(f"{len(names)} prompts for {len(texts)} texts")
+        prefixes = [self.prompts.get(name, "") if name else "" for name in names]
         batch = self.tokenizer(
-            [prefix + t for t in texts], padding=True, truncation=True, max_length=self.max_length,
-            return_tensors="pt", return_offsets_mapping=True,
+            [prefix + t for prefix, t in zip(prefixes, texts)], padding=True, truncation=True,
+            max_length=self.max_length, return_tensors="pt", return_offsets_mapping=True,
         )
         offsets = batch.pop("offset_mapping")
+        prefix_len = torch.tensor([len(prefix) for prefix in prefixes]).unsqueeze(-1)
         # A token is text when it covers a character past the prompt; specials and padding cover
         # none. (The first word's token also covers the space that ends the prompt.)
-        content = (offsets[..., 1] > offsets[..., 0]) & (offsets[..., 1] > len(prefix))
+        content = (offsets[..., 1] > offsets[..., 0]) & (offsets[..., 1] > prefix_len)
         return {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],

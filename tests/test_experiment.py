@@ -34,10 +34,18 @@ def test_experiment_runs_every_arm_and_writes_the_report(ray_cluster, tiny_model
         assert report["languages"]["qu"]["n_queries"] == 1071
         lo, hi = report["gap"]["ci95"]
         assert lo <= report["gap"]["R@1"] <= hi
+    for arm, report in arms.items():
+        assert set(report["gap"]["diff_ci95"]) == set(ARMS) - {arm}
+        if arm == "none":
+            continue
+        lo, hi = report["gap"]["diff_ci95"]["none"]
+        assert lo <= report["gap"]["R@1"] - arms["none"]["gap"]["R@1"] <= hi
     # Arms trained with different objectives end in different students.
     assert len({json.dumps(r["languages"]) for r in arms.values()}) > 1
     text = (out / "RESULTS.md").read_text()
     assert "**Answer.** On sample_2018 OT + contrastive distillation" in text
     assert f"{arms['none']['gap']['R@1']:.3f}" in text
+    lo, hi = arms["ot+contrastive"]["gap"]["diff_ci95"]["mse"]
+    assert f"[{lo:+.3f}, {hi:+.3f}] |" in text  # the paired change vs (1) in arm (3)'s row
     assert (out / "r1_by_arm.png").stat().st_size > 0 and (out / "gap_by_arm.png").stat().st_size > 0
     assert results["wall_time_s"] > 0

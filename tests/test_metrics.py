@@ -46,3 +46,18 @@ def test_gap_and_bootstrap_interval():
     point = metrics.resource_gap({k: v.mean() for k, v in hits.items()}, ["de"], ["ay"])
     lo, hi = metrics.bootstrap_gap_ci(hits, ["de"], ["ay"], n_resamples=300)
     assert lo < point < hi and 0.05 < hi - lo < 0.2
+
+
+def test_paired_bootstrap_of_a_gap_difference():
+    rng = np.random.default_rng(2)
+    before = {"de": rng.random(400) < 0.9, "ay": rng.random(400) < 0.2}
+    assert metrics.bootstrap_gap_ci(before, ["de"], ["ay"], baseline=before) == (0.0, 0.0)
+    # 20 of the low language's misses become hits: the gap shrinks by exactly 20/400 = 0.05.
+    after = {"de": before["de"], "ay": before["ay"].copy()}
+    after["ay"][np.flatnonzero(~before["ay"])[:20]] = True
+    lo, hi = metrics.bootstrap_gap_ci(after, ["de"], ["ay"], n_resamples=500, baseline=before)
+    assert lo < -0.05 < hi < 0  # a clear change, found only because the queries are paired
+    unpaired = [metrics.bootstrap_gap_ci(h, ["de"], ["ay"], n_resamples=500) for h in (after, before)]
+    assert unpaired[0][1] > unpaired[1][0]  # the two separate intervals overlap
+    with pytest.raises(ValueError, match="ay: 400 queries vs 399 in the baseline"):
+        metrics.bootstrap_gap_ci(after, ["de"], ["ay"], baseline={"de": before["de"], "ay": before["ay"][:-1]})

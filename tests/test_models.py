@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from optical_ray.models import Encoder, resolve_model
@@ -14,6 +15,18 @@ def test_content_mask_excludes_prompt_specials_and_padding(tiny_model_dir):
     assert kept[0] == ["▁Ein", "▁Hund"]
     assert "".join(kept[1]).replace("▁", " ").strip() == "A dog runs fast"
     assert not batch["content_mask"][0, batch["attention_mask"][0] == 0].any()
+
+
+def test_per_text_prompts_match_one_prompt_batches(tiny_model_dir):
+    encoder = Encoder.load(tiny_model_dir)
+    mixed = encoder.tokenize(["Ein Hund", "A dog runs fast"], ["query", "passage"])
+    for row, (text, prompt) in enumerate([("Ein Hund", "query"), ("A dog runs fast", "passage")]):
+        alone = encoder.tokenize([text], prompt)
+        n = alone["input_ids"].shape[1]
+        assert torch.equal(mixed["input_ids"][row, :n], alone["input_ids"][0])
+        assert torch.equal(mixed["content_mask"][row, :n], alone["content_mask"][0])
+    with pytest.raises(ValueError, match="1 prompts for 2 texts"):
+        encoder.tokenize(["a", "b"], ["query"])
 
 
 def test_saved_model_loads_in_transformers_and_sentence_transformers(tiny_model_dir, tmp_path):
