@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .models import EncoderOutput
-from .ot import transport_cost
+from .ot import MAX_ITER, transport_cost
 
 
 class OTDistillationLoss(nn.Module):
@@ -38,7 +38,7 @@ class OTDistillationLoss(nn.Module):
     :math:`\varepsilon H(T^\star)`; it needs no backpropagation through the Sinkhorn iterations.
     """
 
-    def __init__(self, reg: float = 0.05, max_iter: int = 100, tol: float = 1e-6):
+    def __init__(self, reg: float = 0.05, max_iter: int = MAX_ITER, tol: float = 1e-6):
         super().__init__()
         self.reg, self.max_iter, self.tol = reg, max_iter, tol
 
@@ -87,9 +87,11 @@ def info_nce(queries: torch.Tensor, keys: torch.Tensor, temperature: float, gath
             all_keys = torch.cat(all_gather(keys))
         offset = dist.get_rank() * queries.shape[0]
     labels = torch.arange(queries.shape[0], device=queries.device) + offset
-    q_to_k = queries @ all_keys.T / temperature
-    k_to_q = keys @ all_queries.T / temperature
-    return (F.cross_entropy(q_to_k.float(), labels) + F.cross_entropy(k_to_q.float(), labels)) / 2
+    # float32 logits even under autocast: at τ = 0.01 bf16's 8-bit mantissa would blur them by ~1.
+    with torch.autocast(queries.device.type, enabled=False):
+        q_to_k = queries.float() @ all_keys.float().T / temperature
+        k_to_q = keys.float() @ all_queries.float().T / temperature
+        return (F.cross_entropy(q_to_k, labels) + F.cross_entropy(k_to_q, labels)) / 2
 
 
 class MSEDistillationLoss(nn.Module):
@@ -98,8 +100,9 @@ class MSEDistillationLoss(nn.Module):
     teacher's embedding of the English sentence (mean squared error, summed over the two sides)."""
 
     def forward(self, teacher: EncoderOutput, student: EncoderOutput, student_english: EncoderOutput) -> torch.Tensor:
-        target = teacher.embedding.detach().float()
-        return F.mse_loss(student_english.embedding.float(), target) + F.mse_loss(student.embedding.float(), target)
+        with torch.autocast(student.embedding.device.type, enabled=False):
+            target = teacher.embedding.detach().float()
+            return F.mse_loss(student_english.embedding.float(), target) + F.mse_loss(student.embedding.float(), target)
 
 
 @dataclass
@@ -113,7 +116,7 @@ class DistillationObjective(nn.Module):
     """Weighted sum of the three losses; a zero weight skips that loss's computation entirely."""
 
     def __init__(self, weights: LossWeights, ot_reg: float = 0.05, temperature: float = 0.05,
-                 sinkhorn_iters: int = 100):
+                 sinkhorn_iters: int = MAX_ITER):
         super().__init__()
         if not any((weights.ot, weights.contrastive, weights.mse)):
             raise ValueError("all loss weights are zero: nothing to train")

@@ -9,7 +9,11 @@ The plan solves the entropic problem
     T^\star = \arg\min_{T 1 = a,\ T^\top 1 = b,\ T \ge 0} \langle T, C \rangle_F - \varepsilon H(T)
 
 for the whole batch at once with ``ot.batch.solve_batch`` (log-domain Sinkhorn, stable at small
-:math:`\varepsilon`), always in float32 or float64 whatever the input precision.
+:math:`\varepsilon`), always in float32 or float64 whatever the input precision -- also under
+``torch.autocast``, which would otherwise run the cosine matmul and the product in bf16.
+
+Convergence: with the defaults (``max_iter`` 300, ``tol`` 1e-6) the plan's marginals are within 1e-3 of
+``a`` and ``b`` for every ε ≥ ``MIN_REG`` (tested); below it Sinkhorn needs thousands of iterations.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from __future__ import annotations
 import torch
 from ot.batch import solve_batch
 from torch.nn import functional as F
+
+MIN_REG = 0.01  # the smallest ε the defaults converge at; sweeps draw ε from [MIN_REG, 1]
+MAX_ITER = 300
 
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -33,7 +40,7 @@ def uniform_marginals(mask: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return weights / counts
 
 
-def solve_plans(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float, max_iter: int = 100,
+def solve_plans(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float, max_iter: int = MAX_ITER,
                 tol: float = 1e-6) -> torch.Tensor:
     """Entropic OT plans [B, n, m] for a batch of costs; no gradient flows through the plan.
 
@@ -51,10 +58,12 @@ def solve_plans(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, reg: float
 
 
 def transport_cost(x: torch.Tensor, x_mask: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor, reg: float,
-                   max_iter: int = 100, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_iter: int = MAX_ITER, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair OT cost <T*, C>_F [B] and the plans [B, n, m], for token states x (masked by x_mask)
-    and y (masked by y_mask). Gradients reach x and y through C with T* held constant."""
-    cost = cosine_cost(x.float(), y.float())
-    plan = solve_plans(cost, uniform_marginals(x_mask), uniform_marginals(y_mask), reg, max_iter, tol)
-    # Padding costs are finite and carry zero plan mass, so they add nothing.
-    return (plan.to(cost.dtype) * cost).sum(dim=(1, 2)), plan
+    and y (masked by y_mask). Gradients reach x and y through C with T* held constant. Computed in
+    float32 (at least) even inside an autocast region."""
+    with torch.autocast(x.device.type, enabled=False):
+        cost = cosine_cost(x.float() if x.dtype != torch.float64 else x, y.float() if y.dtype != torch.float64 else y)
+        plan = solve_plans(cost, uniform_marginals(x_mask), uniform_marginals(y_mask), reg, max_iter, tol)
+        # Padding costs are finite and carry zero plan mass, so they add nothing.
+        return (plan.to(cost.dtype) * cost).sum(dim=(1, 2)), plan

@@ -109,3 +109,24 @@ def test_gathered_contrastive_loss_with_two_workers_equals_the_union_batch(tmp_p
     assert result["loss"] == pytest.approx(float(union.detach()), rel=1e-6)
     np.testing.assert_allclose(result["grads"][0], q.grad.numpy(), atol=1e-6)
     np.testing.assert_allclose(result["grads"][1], k.grad.numpy(), atol=1e-6)
+
+
+def test_losses_stay_float32_under_bf16_autocast():
+    """Autocast would run the cosine cost, <T, C> and the InfoNCE logits as bf16 matmuls (8-bit
+    mantissa: errors ~1e-2); the losses switch it off around them."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([7, 4, 9, 5])
+    mask = torch.arange(9)[None] < lengths[:, None]
+    teacher = output(torch.randn(4, 9, 64, generator=g), mask)
+    student = output(torch.randn(4, 9, 64, generator=g), mask)
+    student_en = output(torch.randn(4, 9, 64, generator=g), mask)
+    objective = DistillationObjective(LossWeights(ot=1.0, contrastive=1.0, mse=1.0), ot_reg=0.05, temperature=0.02)
+    reference, ref_parts = objective(teacher, student, student_en)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.bfloat16  # autocast is really on
+        loss, parts = objective(teacher, student, student_en)
+        value, plan = transport_cost(teacher.token_states, mask, student.token_states, mask, reg=0.05)
+    assert loss.dtype == torch.float32 and value.dtype == torch.float32 and plan.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(reference), abs=1e-4)
+    for name, part in ref_parts.items():
+        assert parts[name] == pytest.approx(part, abs=1e-4), name
