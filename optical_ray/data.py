@@ -171,20 +171,44 @@ def image_ids(uris: list[str]) -> set[str]:
 
 
 def query_captions(captions: pa.Table, lang: str) -> pa.Table:
-    """Every caption in ``lang``, in order: the queries of a retrieval evaluation."""
+    """The captions in ``lang``, in order: the queries of a retrieval evaluation. They come from one
+    source, the first in the table that has ``lang`` (so Multi30k's German and IGLUE's machine-translated
+    German, or a translation and an independent description, are never mixed in one score)."""
     queries = captions.filter(pc.equal(captions["lang"], lang))
     if queries.num_rows == 0:
         raise DataError(f"no captions in query language {lang!r} in the evaluation data")
-    return queries
+    return queries.filter(pc.equal(queries["source"], queries["source"][0]))
 
 
 def corpus_captions(captions: pa.Table, lang: str = "en") -> pa.Table:
-    """The distinct (image_id, text) captions in ``lang``: the same caption from two source tables
-    is one corpus entry."""
+    """The distinct (image_id, text) captions in ``lang`` with the ``caption_idx`` of their first row:
+    the same caption from two source tables is one corpus entry."""
     corpus = captions.filter(pc.equal(captions["lang"], lang))
     if corpus.num_rows == 0:
         raise DataError(f"no captions in corpus language {lang!r} in the given tables")
-    return _unique_rows(corpus.select(["image_id", "text"]), ["image_id", "text"])
+    return _unique_rows(corpus.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
+
+
+def source_caption_rows(queries: pa.Table, captions: pa.Table, corpus: pa.Table, lang: str = "en") -> np.ndarray:
+    """For each query, the corpus row of the ``lang`` caption it was translated from -- the one with
+    the query's (image_id, caption_idx) -- or -1 when there is none."""
+    english = captions.filter(pc.equal(captions["lang"], lang))
+    text_of = dict(zip(zip(english["image_id"].to_pylist(), english["caption_idx"].to_pylist()),
+                       english["text"].to_pylist()))
+    row_of = {key: i for i, key in enumerate(zip(corpus["image_id"].to_pylist(), corpus["text"].to_pylist()))}
+    rows = []
+    for image, idx in zip(queries["image_id"].to_pylist(), queries["caption_idx"].to_pylist()):
+        text = text_of.get((image, idx))
+        rows.append(row_of.get((image, text), -1) if text is not None else -1)
+    return np.array(rows, dtype=np.int64)
+
+
+def without_images(captions: pa.Table, uris: list[str]) -> pa.Table:
+    """``captions`` less every image of the tables at ``uris`` (e.g. the dev split)."""
+    held_out = image_ids(uris)
+    if not held_out:
+        return captions
+    return captions.filter(pc.invert(pc.is_in(captions["image_id"], value_set=pa.array(sorted(held_out)))))
 
 
 def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:

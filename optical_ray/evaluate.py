@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import metrics
-from .data import corpus_captions, query_captions
+from .data import corpus_captions, query_captions, source_caption_rows
 from .models import Encoder
 
 HIGH_RESOURCE = ["de", "fr", "es", "zh"]
@@ -22,8 +22,13 @@ LOW_RESOURCE = ["ay", "gn", "qu"]
 
 
 def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
-                 batch_size: int = 64, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per language, the 1-based rank of each query's first caption of its own image."""
+                 batch_size: int = 64, progress: bool = True, mask_source: bool = False) -> dict[str, np.ndarray]:
+    """Per language, the 1-based rank of each query's first caption of its own image.
+
+    With ``mask_source`` the corpus caption a query was translated from (same image_id and
+    caption_idx) is left out of its ranking: the query must find its image through the *other*
+    captions, which describe the picture in other words (semantic retrieval, not translation matching).
+    """
     corpus = corpus_captions(captions, corpus_lang)
     corpus_emb = encoder.encode(corpus["text"].to_pylist(), "passage", batch_size,
                                 progress=f"encode {corpus_lang} corpus" if progress else None)
@@ -37,7 +42,8 @@ def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], c
         # Queries whose image has no corpus caption get label -1: never a hit, but still counted.
         pos = np.minimum(np.searchsorted(labels, query_images), len(labels) - 1)
         query_labels = np.where(labels[pos] == query_images, pos, -1)
-        ranks[lang] = metrics.ranks_by_label(query_emb, corpus_emb, query_labels, corpus_labels)
+        masked = source_caption_rows(queries, captions, corpus, corpus_lang) if mask_source else None
+        ranks[lang] = metrics.ranks_by_label(query_emb, corpus_emb, query_labels, corpus_labels, masked=masked)
     return ranks
 
 

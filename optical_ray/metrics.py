@@ -22,16 +22,22 @@ def first_relevant_rank(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
 
 
 def ranks_by_label(queries: np.ndarray, corpus: np.ndarray, query_labels: np.ndarray,
-                   corpus_labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
+                   corpus_labels: np.ndarray, chunk: int = 1024, masked: np.ndarray | None = None) -> np.ndarray:
     """Ranks for dot-product retrieval, where an item is relevant when its label equals the query's.
 
-    Queries are scored in chunks so memory stays at chunk x corpus.
+    ``masked`` (optional, [queries]) names one corpus row per query that is left out of its ranking
+    (-1: none), e.g. the caption the query was translated from. Queries are scored in chunks so
+    memory stays at chunk x corpus.
     """
     ranks = np.empty(len(queries))
     for start in range(0, len(queries), chunk):
         stop = start + chunk
         scores = queries[start:stop] @ corpus.T
         relevant = query_labels[start:stop, None] == corpus_labels[None, :]
+        if masked is not None:
+            rows = np.flatnonzero(masked[start:stop] >= 0)
+            scores[rows, masked[start:stop][rows]] = -np.inf
+            relevant[rows, masked[start:stop][rows]] = False
         ranks[start:stop] = first_relevant_rank(scores, relevant)
     return ranks
 
@@ -51,34 +57,48 @@ def retrieval_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> di
     return out
 
 
-def resource_gap(recall_by_lang: dict[str, float], high: list[str], low: list[str]) -> float:
-    """Mean over the high-resource languages minus mean over the low-resource ones."""
-    return float(np.mean([recall_by_lang[lang] for lang in high]) - np.mean([recall_by_lang[lang] for lang in low]))
+def resource_gap(recall_by_lang: dict, high: list[str], low: list[str]):
+    """Mean over the high-resource languages minus mean over the low-resource ones (elementwise when
+    the recalls are arrays of bootstrap draws)."""
+    gap = np.mean([recall_by_lang[lang] for lang in high], axis=0) - np.mean([recall_by_lang[lang] for lang in low], axis=0)
+    return float(gap) if np.ndim(gap) == 0 else gap
 
 
-def bootstrap_gap_ci(hits_by_lang: dict[str, np.ndarray], high: list[str], low: list[str],
-                     n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                     baseline: dict[str, np.ndarray] | None = None) -> tuple[float, float]:
-    """Percentile bootstrap interval of :func:`resource_gap`, resampling each language's queries
-    (0/1 hit indicators) independently with replacement.
+def relative_error_gap(recall_by_lang: dict, high: list[str], low: list[str]):
+    """How many times more often the low group misses than the high group: (1 - mean R@1 of the low
+    group) / (1 - mean R@1 of the high group). Unlike the absolute gap it does not shrink just because
+    every language nears 1."""
+    high_r = np.mean([recall_by_lang[lang] for lang in high], axis=0)
+    low_r = np.mean([recall_by_lang[lang] for lang in low], axis=0)
+    gap = (1.0 - low_r) / np.maximum(1.0 - high_r, 1e-12)
+    return float(gap) if np.ndim(gap) == 0 else gap
 
-    With ``baseline`` -- the same queries' hits under another system, in the same order -- the
-    interval is of the gap *difference* (this system's gap minus the baseline's), each resample
-    drawing the same queries for both (a paired bootstrap). It is much narrower than comparing two
-    separate intervals, because per-query difficulty is shared by both systems.
-    """
+
+def image_resamples(n_images: int, n_resamples: int, seed: int = 0) -> np.ndarray:
+    """Bootstrap weights [n_resamples, n_images]: how often each image is drawn in each resample of
+    ``n_images`` images with replacement. One draw serves every language, seed and system, so their
+    queries of the same image stay together (they describe the same picture) and comparisons are paired."""
     rng = np.random.default_rng(seed)
-    langs = [*high, *low]
-    draws = np.zeros(n_resamples)
-    for lang in langs:
-        hits = np.asarray(hits_by_lang[lang], dtype=float)
-        if baseline is not None:
-            if len(baseline[lang]) != len(hits):
-                raise ValueError(f"{lang}: {len(hits)} queries vs {len(baseline[lang])} in the baseline")
-            hits = hits - np.asarray(baseline[lang], dtype=float)
-        sign = 1.0 / len(high) if lang in high else -1.0 / len(low)
-        idx = rng.integers(0, len(hits), size=(n_resamples, len(hits)))
-        draws += sign * hits[idx].mean(axis=1)
+    return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_resamples).astype(float)
+
+
+def weighted_recall(hits: np.ndarray, query_images: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """R@k under image weights, averaged over training seeds: [resamples].
+
+    hits: [seeds, queries] 0/1; query_images: [queries] image index of each query; weights:
+    [resamples, images] from :func:`image_resamples` (all-ones rows give the plain mean). A query counts
+    as often as its image was drawn.
+    """
+    hits = np.atleast_2d(np.asarray(hits, dtype=float))
+    n_images = weights.shape[1]
+    per_image = np.zeros((hits.shape[0], n_images))
+    np.add.at(per_image.T, query_images, hits.T)
+    queries_per_image = np.bincount(query_images, minlength=n_images).astype(float)
+    recall = (weights @ per_image.T) / (weights @ queries_per_image)[:, None]  # [resamples, seeds]
+    return recall.mean(axis=1)
+
+
+def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
     return float(lo), float(hi)

@@ -38,26 +38,43 @@ def test_ranks_by_label_chunks_equal_one_shot():
     np.testing.assert_array_equal(metrics.ranks_by_label(q, c, ql, cl, chunk=7), full)
 
 
-def test_gap_and_bootstrap_interval():
+def test_gaps_by_hand():
     r1 = {"de": 0.9, "fr": 0.8, "ay": 0.1, "qu": 0.3}
     assert metrics.resource_gap(r1, ["de", "fr"], ["ay", "qu"]) == pytest.approx(0.65)
-    rng = np.random.default_rng(1)
-    hits = {"de": rng.random(400) < 0.9, "ay": rng.random(400) < 0.2}
-    point = metrics.resource_gap({k: v.mean() for k, v in hits.items()}, ["de"], ["ay"])
-    lo, hi = metrics.bootstrap_gap_ci(hits, ["de"], ["ay"], n_resamples=300)
-    assert lo < point < hi and 0.05 < hi - lo < 0.2
+    assert metrics.relative_error_gap(r1, ["de", "fr"], ["ay", "qu"]) == pytest.approx(0.8 / 0.15)
 
 
-def test_paired_bootstrap_of_a_gap_difference():
+def test_image_weighted_recall_by_hand():
+    # 3 images; 4 queries of images 0, 0, 1, 2; two training seeds.
+    query_images = np.array([0, 0, 1, 2])
+    hits = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
+    weights = np.array([[1.0, 1.0, 1.0],   # every image once: the plain mean, 0.5 for both seeds
+                        [2.0, 0.0, 1.0]])  # image 0 twice, image 2 once: seed 0 2/5, seed 1 4/5
+    np.testing.assert_allclose(metrics.weighted_recall(hits, query_images, weights), [0.5, 0.6])
+
+
+def test_image_resamples_draw_whole_images():
+    weights = metrics.image_resamples(50, 200, seed=1)
+    assert weights.shape == (200, 50) and (weights.sum(axis=1) == 50).all()
+    assert (weights == np.round(weights)).all() and 0.5 < weights.mean(axis=0).min()
+
+
+def test_paired_image_bootstrap_of_a_gap_difference():
+    """The same image draws for two systems: a change of 20 hits in 400 is clear, although two
+    separate intervals overlap."""
     rng = np.random.default_rng(2)
-    before = {"de": rng.random(400) < 0.9, "ay": rng.random(400) < 0.2}
-    assert metrics.bootstrap_gap_ci(before, ["de"], ["ay"], baseline=before) == (0.0, 0.0)
-    # 20 of the low language's misses become hits: the gap shrinks by exactly 20/400 = 0.05.
+    images = np.arange(400)
+    before = {"de": (rng.random(400) < 0.9)[None], "ay": (rng.random(400) < 0.2)[None]}
     after = {"de": before["de"], "ay": before["ay"].copy()}
-    after["ay"][np.flatnonzero(~before["ay"])[:20]] = True
-    lo, hi = metrics.bootstrap_gap_ci(after, ["de"], ["ay"], n_resamples=500, baseline=before)
-    assert lo < -0.05 < hi < 0  # a clear change, found only because the queries are paired
-    unpaired = [metrics.bootstrap_gap_ci(h, ["de"], ["ay"], n_resamples=500) for h in (after, before)]
-    assert unpaired[0][1] > unpaired[1][0]  # the two separate intervals overlap
-    with pytest.raises(ValueError, match="ay: 400 queries vs 399 in the baseline"):
-        metrics.bootstrap_gap_ci(after, ["de"], ["ay"], baseline={"de": before["de"], "ay": before["ay"][:-1]})
+    after["ay"][0, np.flatnonzero(~before["ay"][0])[:20]] = True
+    weights = metrics.image_resamples(400, 500, seed=0)
+
+    def gap(h):
+        return metrics.resource_gap({lang: metrics.weighted_recall(v, images, weights) for lang, v in h.items()},
+                                    ["de"], ["ay"])
+
+    lo, hi = metrics.percentile_interval(gap(after) - gap(before))
+    assert lo < -0.05 < hi < 0
+    assert metrics.percentile_interval(gap(before) - gap(before)) == (0.0, 0.0)
+    separate = [metrics.percentile_interval(gap(h)) for h in (after, before)]
+    assert separate[0][1] > separate[1][0]
