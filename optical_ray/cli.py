@@ -62,7 +62,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     if result.best is None:
         print("no trial completed every step: no best.yaml")
     else:
-        print(f"best: sinkhorn_reg={result.best.loss.sinkhorn_reg:.4g} temperature={result.best.loss.temperature:.4g}")
+        print("best: " + " ".join(f"{k}={v:.4g}" for k, v in result.best_params.items()))
 
 
 def cmd_index(args: argparse.Namespace) -> None:
@@ -83,13 +83,14 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     import ray
 
     from .config import ExperimentConfig, load_config
-    from .experiment import answer, run_experiment
+    from .experiment import run_experiment
+    from .reports import answer_lines
 
     cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
     ray.init(address=args.address)
     results = run_experiment(cfg)
-    print(answer(results))
-    print(f"report: {cfg.out_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
+    print("\n".join(answer_lines(results)))
+    print(f"report: {cfg.results_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -189,11 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser("experiment", help="the research question: arms (0)-(3), dev-only choices, test gaps with CIs",
-                       description="Chooses the teacher and (sweep) epsilon/tau on the dev set, trains the MSE, "
-                                   "OT and OT + contrastive arms on Ray Train with the same data, steps and seed, "
-                                   "evaluates every arm on the test sets and writes RESULTS.md, results.json and "
-                                   "plots to out_dir. See configs/experiment.yaml.")
+    p = sub.add_parser("experiment", help="the research question: loss-term arms x seeds, three protocols, gaps with CIs",
+                       description="Sweeps each arm's own knobs on the dev set (same budget per arm), trains every "
+                                   "arm x seed on Ray Train with the same data and steps, evaluates on every test "
+                                   "set and writes RESULTS.md, results.json and plots to results_dir. Finished "
+                                   "runs are recorded and skipped when run again. See configs/experiment.yaml.")
     _config_options(p, "ExperimentConfig", "distill.steps=500")
     p.set_defaults(func=cmd_experiment)
 

@@ -173,6 +173,11 @@ def _check(kind, value, name: str, key: str):
             return None
         kind = next(k for k in options if k is not type(None))
         origin = typing.get_origin(kind)
+    if origin is dict:
+        _, item = typing.get_args(kind)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: {key} must be a mapping, got {value!r}")
+        return {str(k): _check(item, v, name, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(kind)
         if isinstance(value, str) and item is str:  # "de,fr" is a list too
@@ -200,10 +205,13 @@ def _deep_copy(raw: dict) -> dict:
 
 @dataclass
 class SearchSpace:
-    sinkhorn_reg: list[float] = field(default_factory=lambda: [0.01, 1.0])  # log-uniform [low, high]
-    temperature: list[float] = field(default_factory=lambda: [0.01, 0.5])  # log-uniform [low, high]
-    # Optional: each trial picks one value per list; empty keeps the distill config's weight.
-    ot_weight: list[float] = field(default_factory=list)
+    """What a sweep draws: each knob is a log-uniform range [low, high]; an empty list leaves the distill
+    config's value alone (and [v, v] fixes it)."""
+
+    sinkhorn_reg: list[float] = field(default_factory=lambda: [0.01, 1.0])  # loss.sinkhorn_reg (ε)
+    temperature: list[float] = field(default_factory=lambda: [0.01, 0.5])  # loss.temperature (τ)
+    lr: list[float] = field(default_factory=list)  # optim.lr
+    ot_weight: list[float] = field(default_factory=list)  # loss.ot_weight (relative to the others)
     contrastive_weight: list[float] = field(default_factory=list)
     mse_weight: list[float] = field(default_factory=list)
 
@@ -230,25 +238,43 @@ class SweepConfig:
 
 @dataclass
 class TestSet:
+    """One evaluation: queries in each language against the English captions of the same images.
+
+    ``protocol``: ``translation`` (the query translates one of the corpus captions), ``semantic`` (that
+    caption is masked out, so the query must match the image's *other* captions) or ``independent``
+    (the queries are descriptions written without seeing the English). ``groups`` name language sets;
+    each gap in ``gaps`` is [higher group, lower group].
+    """
+
     name: str = "test_2018"
+    protocol: str = "translation"
     data: list[str] = field(default_factory=lambda: _sample("test_2018_captions.parquet"))
+    exclude_images_from: list[str] = field(default_factory=list)  # e.g. the dev split
     query_langs: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
-    high: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh"])
-    low: list[str] = field(default_factory=lambda: ["ay", "gn", "qu"])
+    groups: dict[str, list[str]] = field(default_factory=lambda: {"high": ["de", "fr", "es", "zh"],
+                                                                   "low": ["ay", "gn", "qu"]})
+    gaps: dict[str, list[str]] = field(default_factory=lambda: {"low": ["high", "low"]})
 
 
 @dataclass
 class ExperimentConfig:
-    """`optical-ray experiment`: does OT + contrastive distillation narrow the high/low-resource gap?
+    """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
-    Arms share the student start, data, steps and seed: (0) no distillation, (1) MSE, (2) OT only,
-    (3) OT + contrastive. The teacher and (for arms 2 and 3) ε and τ are chosen on the dev set only.
+    Every arm (``optical_ray.experiment.ARMS``) starts from the same student and teacher, trains on the
+    same data for the same steps with the same seeds, and gets the same sweep budget on the dev set
+    over its own knobs. Finished runs are recorded under ``results_dir/runs`` and skipped on the next call.
     """
 
-    distill: DistillConfig = field(default_factory=DistillConfig)  # data, steps, seed shared by every arm
-    teachers: list[str] = field(default_factory=lambda: ["student-init", "minilm-en"])
-    teacher_steps: int = 0  # steps of the MSE arm used to choose the teacher; 0: distill.steps
-    sweep: SweepConfig = field(default_factory=SweepConfig)  # its `distill` is replaced by the arm's
+    distill: DistillConfig = field(default_factory=DistillConfig)  # data, steps shared by every arm
+    arms: list[str] = field(default_factory=lambda: ["none", "mse", "ot", "ot+contrastive", "contrastive",
+                                                     "mse+contrastive"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # data order and dropout per training seed
+    held_out_languages: list[str] = field(default_factory=list)  # never trained on, never tuned on
+    teachers: list[str] = field(default_factory=lambda: ["student-init"])  # > 1: chosen on dev with MSE runs
+    teacher_steps: int = 0  # steps of the MSE runs that choose the teacher; 0: distill.steps
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = field(default_factory=lambda: [TestSet()])
-    bootstrap: int = 1000  # resamples for the 95% intervals of the gaps
-    out_dir: str = "runs/experiment"  # models, reports and plots; RESULTS.md is written here
+    bootstrap: int = 1000  # image resamples for the 95% intervals
+    out_dir: str = "runs/experiment"  # models and Ray storage (large, not committed)
+    results_dir: str = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
+    keep_models: bool = False  # a student is deleted once evaluated and recorded

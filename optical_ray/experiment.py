@@ -1,261 +1,271 @@
-"""The research question, measured: does OT + contrastive distillation narrow the zero-shot R@1 gap
-between high- and low-resource languages?
+"""The research experiment: which loss terms narrow the R@1 gap between high- and low-resource
+languages, on which retrieval protocol, and does the gain reach languages never trained on?
 
-:func:`run_experiment` chooses the teacher on the dev set (an MSE run per candidate), sweeps ε and τ
-on the dev set with Ray Tune (arm 3's objective), trains the arms on Ray Train with the same data,
-steps and seed, evaluates every arm on every test set, and writes ``RESULTS.md``, ``results.json``
-and two plots. Test data is used for nothing but the final evaluation.
+:func:`run_experiment`, all choices on the dev set and test data used for nothing but evaluation:
+
+1. the teacher, when there are several candidates (an MSE run each, chosen on dev);
+2. for each trained arm, a Ray Tune sweep over *its own* knobs (``Arm.knobs``) with the same budget;
+3. each arm x seed trained on Ray Train with the same student start, teacher, data and steps, then
+   evaluated on every test set. Each finished run is written as a small JSON record under
+   ``results_dir/runs`` keyed by a hash of its effective config, and skipped on the next call: an
+   interrupted experiment continues where it stopped, even in another session;
+4. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
+   (refreshed after every run, so partial results are readable).
+
+Held-out languages (``held_out_languages``) are removed from training and from the dev objective, so
+nothing is trained or chosen on them; they stay in the test sets.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
-import dataclasses
+import hashlib
 import json
 import logging
-import os
-import platform
+import shutil
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+import pyarrow as pa
 
-from . import data, metrics
-from .config import DistillConfig, ExperimentConfig, TestSet, save_config
-from .evaluate import build_report, rank_queries
+from . import data
+from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, load_config, to_dict
+from .distill import dev_metrics
+from .evaluate import rank_queries
+from .losses import LossWeights
 from .models import Encoder
-from .train import run_training
-from .tune import OBJECTIVES, run_sweep
 
 log = logging.getLogger(__name__)
 
-ARMS = {  # name -> (ot, contrastive, mse) weights; None: the undistilled student
-    "none": None,
-    "mse": (0.0, 0.0, 1.0),
-    "ot": (1.0, 0.0, 0.0),
-    "ot+contrastive": (1.0, 1.0, 0.0),
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    weights: LossWeights | None  # None: the undistilled student
+    knobs: tuple[str, ...] = ()  # what its sweep tunes (optical_ray.tune.KNOBS)
+
+
+# The arms, in report order. A new arm is one line here.
+ARMS = {
+    "none": Arm("(0) none", None),
+    "mse": Arm("(1) MSE", LossWeights(ot=0.0, contrastive=0.0, mse=1.0), ("lr",)),
+    "ot": Arm("(2) OT", LossWeights(ot=1.0, contrastive=0.0, mse=0.0), ("lr", "sinkhorn_reg")),
+    "ot+contrastive": Arm("(3) OT + contrastive", LossWeights(ot=1.0, contrastive=1.0, mse=0.0),
+                          ("lr", "sinkhorn_reg", "temperature", "ot_weight")),
+    "contrastive": Arm("(4) contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=0.0), ("lr", "temperature")),
+    "mse+contrastive": Arm("(5) MSE + contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=1.0),
+                           ("lr", "temperature")),
 }
-LABELS = {"none": "(0) no distillation", "mse": "(1) MSE (Reimers & Gurevych)", "ot": "(2) OT only (OPTICAL)",
-          "ot+contrastive": "(3) OT + contrastive"}
 
 
-def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, out: Path, steps: int | None = None,
-               reg: float | None = None, temperature: float | None = None, run: str | None = None) -> DistillConfig:
-    ot, contrastive, mse = ARMS[arm]
-    arm_cfg = copy.deepcopy(cfg.distill)
-    arm_cfg.teacher = teacher
-    arm_cfg.steps = steps or cfg.distill.steps
-    arm_cfg.loss.ot_weight, arm_cfg.loss.contrastive_weight, arm_cfg.loss.mse_weight = ot, contrastive, mse
-    if reg is not None:
-        arm_cfg.loss.sinkhorn_reg = reg
-    if temperature is not None:
-        arm_cfg.loss.temperature = temperature
-    name = run or arm.replace("+", "-")
-    arm_cfg.output_dir = str(out / "arms" / name)
-    arm_cfg.ray.storage_path = str((out / "ray").resolve())
-    arm_cfg.ray.name = name
-    return arm_cfg
+def check_arms(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    return names
 
 
-def train_arm(arm_cfg: DistillConfig) -> tuple[str, dict]:
-    """Train on Ray Train; returns (student folder, final dev report)."""
-    student = str(run_training(arm_cfg))
-    report = json.loads((Path(arm_cfg.output_dir) / "dev" / "report.json").read_text())
-    save_config(arm_cfg, Path(arm_cfg.output_dir) / "config.yaml")
-    return student, report
+def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params: dict | None = None,
+               run: str | None = None) -> DistillConfig:
+    """The distill config of one run: the experiment's ``distill`` section with the arm's loss weights,
+    its chosen knob values, the seed, and every held-out language removed from training and dev."""
+    from .tune import KNOBS
+
+    weights = ARMS[arm].weights
+    if weights is None:
+        raise ValueError(f"arm {arm!r} is not trained")
+    held = set(cfg.held_out_languages)
+    d = cfg.distill.data
+    name = run or f"{arm.replace('+', '-')}-seed{seed}"
+    overrides = {
+        "teacher": teacher, "seed": seed,
+        "loss.ot_weight": weights.ot, "loss.contrastive_weight": weights.contrastive, "loss.mse_weight": weights.mse,
+        "data.languages": [lang for lang in d.languages if lang not in held],
+        "data.dev_languages": [lang for lang in d.dev_languages if lang not in held],
+        "data.high_resource": [lang for lang in d.high_resource if lang not in held],
+        "data.low_resource": [lang for lang in d.low_resource if lang not in held],
+        "output_dir": str(Path(cfg.out_dir) / "arms" / name),
+        "ray.storage_path": str((Path(cfg.out_dir) / "ray").resolve()),
+        "ray.name": name,
+        **{KNOBS[k]: v for k, v in (params or {}).items()},
+    }
+    return load_config(DistillConfig, to_dict(cfg.distill), overrides)
 
 
-def dev_objective(report: dict, objective: str) -> float:
-    from .distill import dev_metrics
+def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
+    """The arm's sweep: the experiment's search ranges for the arm's knobs only, on the first seed."""
+    sweep = copy.deepcopy(cfg.sweep)
+    sweep.distill = arm_config(cfg, arm, teacher, cfg.seeds[0], run=f"sweep-{arm.replace('+', '-')}")
+    for knob in vars(sweep.search):
+        if knob not in ARMS[arm].knobs:
+            setattr(sweep.search, knob, [])
+    sweep.storage_path = str((Path(cfg.out_dir) / "tune").resolve())
+    return sweep
 
-    return float(OBJECTIVES[objective](dev_metrics(report)))
+
+def config_key(value: dict) -> str:
+    """A short, stable hash of a config: records are reused only for exactly the same run."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def evaluate_arms(models: dict[str, str], test: TestSet, captions, bootstrap: int, seed: int) -> dict[str, dict]:
-    """Each arm's report on one test set. Its gap carries a bootstrap interval (``ci95``) and, for
-    every other arm, the paired interval of the gap difference (``diff_ci95[other]``: this arm's gap
-    minus the other's, over the same resampled queries)."""
-    hits, reports = {}, {}
-    for arm, model in models.items():
-        ranks = rank_queries(Encoder.load(model), captions, test.query_langs, progress=False)
-        reports[arm] = build_report(ranks, test.high, test.low)
-        hits[arm] = {lang: (r <= 1).astype(float) for lang, r in ranks.items()}
-    high = [lang for lang in test.high if lang in test.query_langs]
-    low = [lang for lang in test.low if lang in test.query_langs]
-    for arm, report in reports.items():
-        gap = report["gap"]
-        gap["ci95"] = list(metrics.bootstrap_gap_ci(hits[arm], high, low, n_resamples=bootstrap, seed=seed))
-        gap["diff_ci95"] = {other: list(metrics.bootstrap_gap_ci(hits[arm], high, low, n_resamples=bootstrap,
-                                                                  seed=seed, baseline=hits[other]))
-                            for other in reports if other != arm}
-    return reports
+def training_fields(cfg: DistillConfig) -> dict:
+    """What decides a trained student: the config less where it is written."""
+    fields = to_dict(cfg)
+    fields.pop("output_dir")
+    fields.pop("ray")
+    return fields
+
+
+# Ranks travel in the records compactly: uint32, 0 for "never found" (inf), zlib, base64.
+def pack_ranks(ranks: np.ndarray) -> str:
+    values = np.where(np.isfinite(ranks), ranks, 0).astype("<u4")
+    return base64.b64encode(zlib.compress(values.tobytes(), 9)).decode()
+
+
+def unpack_ranks(packed: str) -> np.ndarray:
+    values = np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype="<u4").astype(float)
+    return np.where(values == 0, np.inf, values)
+
+
+@dataclass
+class TestData:
+    spec: TestSet
+    captions: pa.Table
+    query_images: dict[str, np.ndarray]  # per language, each query's image id, in ranking order
+
+
+def load_test_sets(cfg: ExperimentConfig) -> list[TestData]:
+    tests = []
+    for spec in cfg.test_sets:
+        if spec.protocol not in ("translation", "semantic", "independent"):
+            raise ValueError(f"test set {spec.name}: protocol must be translation, semantic or independent, "
+                             f"got {spec.protocol!r}")
+        for gap, pair in spec.gaps.items():
+            missing = [g for g in pair if g not in spec.groups]
+            if len(pair) != 2 or missing:
+                raise ValueError(f"test set {spec.name}: gap {gap} must name two of the groups "
+                                 f"{', '.join(spec.groups)}, got {pair}")
+        captions = data.without_images(data.read_captions(spec.data), spec.exclude_images_from)
+        images = {lang: data.query_captions(captions, lang)["image_id"].to_numpy(zero_copy_only=False)
+                  for lang in spec.query_langs}
+        tests.append(TestData(spec, captions, images))
+    return tests
+
+
+def evaluate_model(model: str, tests: list[TestData]) -> dict:
+    encoder = Encoder.load(model)
+    return {t.spec.name: {lang: pack_ranks(r) for lang, r in rank_queries(
+        encoder, t.captions, t.spec.query_langs, progress=False, mask_source=t.spec.protocol == "semantic").items()}
+        for t in tests}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Written whole or not at all: a record that exists is a finished run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+
+
+class Runner:
+    """Runs (or finds recorded) sweeps and runs; everything it returns is a record."""
+
+    def __init__(self, cfg: ExperimentConfig, tests: list[TestData]):
+        self.cfg, self.tests = cfg, tests
+        self.results = Path(cfg.results_dir)
+        self.tests_key = [to_dict(t.spec) for t in tests]
+
+    def untrained(self) -> dict:
+        student = self.cfg.distill.student
+        key = config_key({"student": student, "tests": self.tests_key})
+        path = self.results / "runs" / f"none-{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        started = time.time()
+        record = {"arm": "none", "seed": None, "key": key, "params": {}, "student": student,
+                  "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
+        write_record(path, record)
+        return record
+
+    def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict:
+        from .train import run_training
+
+        arm_cfg = arm_config(self.cfg, arm, teacher, seed, params)
+        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
+        path = self.results / "runs" / f"{arm.replace('+', '-')}-seed{seed}-{key}.json"
+        if path.exists():
+            log.info("%s seed %d: recorded in %s, skipped", arm, seed, path)
+            return json.loads(path.read_text())
+        started = time.time()
+        student = str(run_training(arm_cfg))
+        dev = json.loads((Path(arm_cfg.output_dir) / "dev" / "report.json").read_text())
+        record = {"arm": arm, "seed": seed, "key": key, "teacher": teacher, "params": params,
+                  "config": training_fields(arm_cfg), "dev": dev_metrics(dev),
+                  "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
+        write_record(path, record)
+        if not self.cfg.keep_models:
+            shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)
+        return record
+
+    def sweep(self, arm: str, teacher: str) -> dict:
+        from .tune import run_sweep
+
+        sweep = sweep_config(self.cfg, arm, teacher)
+        fields = to_dict(sweep)
+        fields.pop("storage_path")
+        fields["distill"] = training_fields(sweep.distill)
+        key = config_key(fields)
+        path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        sweep.name = f"{arm.replace('+', '-')}-{key}"
+        result = run_sweep(sweep, resume=True)
+        if result.best is None:
+            raise RuntimeError(f"arm {arm}: no sweep trial finished; see {sweep.storage_path}/{sweep.name}/trials.csv")
+        record = {"arm": arm, "key": key, "teacher": teacher, "params": result.best_params,
+                  "knobs": list(ARMS[arm].knobs), "trials": result.trials.to_pylist(), "trial_steps": result.trial_steps}
+        write_record(path, record)
+        return record
+
+
+def choose_teacher(cfg: ExperimentConfig, runner: Runner) -> tuple[str, dict[str, float]]:
+    """The only candidate, or the one whose MSE student scores best on dev (objective of the sweep)."""
+    from .tune import OBJECTIVES
+
+    if len(cfg.teachers) == 1:
+        return cfg.teachers[0], {}
+    scores = {}
+    for teacher in cfg.teachers:
+        record = runner.trained("mse", cfg.seeds[0], teacher, params={})
+        scores[teacher] = float(OBJECTIVES[cfg.sweep.objective](record["dev"]))
+    teacher = max(scores, key=scores.get)
+    log.info("teacher chosen on dev: %s (%s)", teacher, scores)
+    return teacher, scores
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    started = time.time()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Every sweep, then every run seed by seed (so one seed of every arm comes first); results are
+    rewritten after each run."""
+    from .reports import write_results
 
-    # 1. The teacher, chosen on the dev set with the baseline's (MSE) objective.
-    teacher_steps = cfg.teacher_steps or cfg.distill.steps
-    candidates = {}
-    for teacher in cfg.teachers:
-        run = f"teacher-{Path(teacher).name}"
-        candidates[teacher] = train_arm(arm_config(cfg, "mse", teacher, out, steps=teacher_steps, run=run))
-    scores = {t: dev_objective(report, cfg.sweep.objective) for t, (_, report) in candidates.items()}
-    teacher = max(scores, key=scores.get)
-    log.info("teacher chosen on dev: %s (%s)", teacher, scores)
+    check_arms(cfg.arms)
+    tests = load_test_sets(cfg)
+    runner = Runner(cfg, tests)
+    records = [runner.untrained()] if "none" in cfg.arms else []  # first: it checks every test set cheaply
+    teacher, teacher_scores = choose_teacher(cfg, runner)
+    trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
+    sweeps = {arm: runner.sweep(arm, teacher) for arm in trained}
 
-    # 2. ε and τ for the OT arms, swept on the dev set with arm 3's objective.
-    sweep_cfg = copy.deepcopy(cfg.sweep)
-    sweep_cfg.distill = arm_config(cfg, "ot+contrastive", teacher, out)
-    sweep_cfg.storage_path, sweep_cfg.name = str((out / "tune").resolve()), "sweep"
-    # Saved with the sweep's effective distill section (the teacher is known only now).
-    save_config(dataclasses.replace(cfg, sweep=sweep_cfg), out / "experiment.yaml")
-    sweep = run_sweep(sweep_cfg)
-    if sweep.best is None:
-        raise RuntimeError(f"no sweep trial finished; see {out / 'tune' / 'sweep' / 'trials.csv'}")
-    reg, temperature = sweep.best.loss.sinkhorn_reg, sweep.best.loss.temperature
+    def report() -> dict:
+        return write_results(cfg, tests, records, sweeps, teacher, teacher_scores)
 
-    # 3. The arms: same start, data, steps and seed.
-    models = {"none": cfg.distill.student}
-    if teacher_steps == cfg.distill.steps:
-        models["mse"] = candidates[teacher][0]
-    else:
-        models["mse"] = train_arm(arm_config(cfg, "mse", teacher, out))[0]
-    models["ot"] = train_arm(arm_config(cfg, "ot", teacher, out, reg=reg))[0]
-    models["ot+contrastive"] = train_arm(arm_config(cfg, "ot+contrastive", teacher, out, reg=reg, temperature=temperature))[0]
-
-    # 4. Test sets, each evaluated once per arm.
-    results = {"teacher": teacher, "teacher_dev_scores": scores, "sinkhorn_reg": reg, "temperature": temperature,
-               "sweep_trials": sweep.trials.num_rows, "tests": {}}
-    for test in cfg.test_sets:
-        captions = data.read_captions(test.data)
-        results["tests"][test.name] = evaluate_arms(models, test, captions, cfg.bootstrap, cfg.distill.seed)
-    results["wall_time_s"] = time.time() - started
-    results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "cuda": torch.cuda.is_available()}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot_results(results, out)
-    (out / "RESULTS.md").write_text(results_markdown(results, cfg))
+    results = report()
+    for seed in cfg.seeds:
+        for arm in trained:
+            records.append(runner.trained(arm, seed, teacher, sweeps[arm]["params"]))
+            results = report()
     return results
-
-
-def relative_change(gap: float, reference: float) -> float:
-    return (gap - reference) / reference if reference else float("nan")
-
-
-def versus(gap: dict, other: str) -> str:
-    """Whether a gap is smaller or larger than ``other``'s, judged by the paired 95% interval of
-    their difference: 'smaller', 'larger' or 'not clearly different'."""
-    lo, hi = gap["diff_ci95"][other]
-    return "smaller" if hi < 0 else "larger" if lo > 0 else "not clearly different"
-
-
-def answer(results: dict) -> str:
-    """One sentence stating the measured answer on each test set."""
-    parts = []
-    for name, arms in results["tests"].items():
-        g = {arm: r["gap"]["R@1"] for arm, r in arms.items()}
-        ours = arms["ot+contrastive"]["gap"]
-        lo, hi = ours["diff_ci95"]["none"]
-        verdict = {"smaller": "narrowed", "larger": "widened",
-                   "not clearly different": "did not clearly change"}[versus(ours, "none")]
-        vs_mse = {"smaller": "narrower than", "larger": "wider than",
-                  "not clearly different": "not clearly different from"}[versus(ours, "mse")]
-        parts.append(f"on {name} OT + contrastive distillation {verdict} the R@1 gap from {g['none']:.3f} (no "
-                     f"distillation) to {g['ot+contrastive']:.3f} "
-                     f"({100 * relative_change(g['ot+contrastive'], g['none']):+.0f}%; paired 95% CI of the change "
-                     f"{lo:+.3f} to {hi:+.3f}), {vs_mse} MSE distillation's {g['mse']:.3f}")
-    sentence = "; ".join(parts)
-    return sentence[0].upper() + sentence[1:] + "."
-
-
-def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
-    d = cfg.distill
-    teacher_scores = ", ".join(f"{Path(t).name} {s:.3f}" for t, s in results["teacher_dev_scores"].items())
-    method = [
-        (f"- Student start: `{d.student}`; teacher chosen on the dev set among "
-         f"{', '.join(f'`{t}`' for t in cfg.teachers)}: **`{results['teacher']}`** "
-         f"(dev {cfg.sweep.objective}: {teacher_scores})."),
-        (f"- ε = {results['sinkhorn_reg']:.4g} and τ = {results['temperature']:.4g} from a Ray Tune sweep of "
-         f"{results['sweep_trials']} trials on the dev set (objective {cfg.sweep.objective}, {cfg.sweep.scheduler}); "
-         "arm (2) uses ε, arm (3) both."),
-        (f"- Every arm: {d.steps} steps of {d.batch_size} pairs, seed {d.seed}, languages "
-         f"{', '.join(d.data.languages)}, word embeddings {'frozen' if d.freeze_word_embeddings else 'trained'}, "
-         f"lr {d.optim.lr:g}."),
-        ("- Queries in each language retrieve among the English captions of the same images; gap = mean R@1 "
-         "of the high group minus mean R@1 of the low group, with a 95% percentile-bootstrap interval over "
-         f"queries ({cfg.bootstrap} resamples). \"vs (0)\" and \"vs (1)\" give the relative change of the gap "
-         "and, in brackets, the paired 95% interval of its absolute change (the same resampled queries for "
-         "both arms); a change whose interval excludes 0 is called clear."),
-    ]
-    lines = ["# Does OT + contrastive distillation narrow the high/low-resource R@1 gap?", "",
-             f"**Answer.** {answer(results)}", "", "## Method", "", *method, ""]
-    for name, arms in results["tests"].items():
-        langs = list(next(iter(arms.values()))["languages"])
-        gap = next(iter(arms.values()))["gap"]
-        header = "| arm | " + " | ".join(langs) + " | gap | 95% CI | vs (0) | vs (1) |"
-        lines += [f"## {name}", "", "R@1 (R@5, R@10 and MRR are in results.json):", "", header,
-                  "|---|" + "---|" * (len(langs) + 4)]
-        for arm, report in arms.items():
-            g = report["gap"]
-            cells = " | ".join(f"{report['languages'][lang]['R@1']:.3f}" for lang in langs)
-            lines.append(f"| {LABELS[arm]} | {cells} | {g['R@1']:.3f} | {g['ci95'][0]:.3f}–{g['ci95'][1]:.3f} | "
-                         f"{change_cell(arms, arm, 'none')} | {change_cell(arms, arm, 'mse')} |")
-        lines += ["", f"High: {', '.join(gap['high'])}; low: {', '.join(gap['low'])}.", ""]
-    machine = results["machine"]
-    lines += ["## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
-              (f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-               f"CUDA {'yes' if machine['cuda'] else 'no'}. Wall time {results['wall_time_s'] / 60:.0f} min."), "",
-              ("Plots: `r1_by_arm.png`, `gap_by_arm.png`. Every number here is in `results.json`, written by the "
-               "command above."), ""]
-    return "\n".join(lines)
-
-
-def change_cell(arms: dict, arm: str, reference: str) -> str:
-    if arm == reference:
-        return "—"
-    gap = arms[arm]["gap"]
-    lo, hi = gap["diff_ci95"][reference]
-    return f"{100 * relative_change(gap['R@1'], arms[reference]['gap']['R@1']):+.0f}% [{lo:+.3f}, {hi:+.3f}]"
-
-
-def plot_results(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tests = results["tests"]
-    fig, axes = plt.subplots(len(tests), 1, figsize=(10, 3.2 * len(tests)), squeeze=False)
-    for ax, (name, arms) in zip(axes[:, 0], tests.items()):
-        langs = list(next(iter(arms.values()))["languages"])
-        width = 0.8 / len(arms)
-        for i, (arm, report) in enumerate(arms.items()):
-            ax.bar(np.arange(len(langs)) + i * width, [report["languages"][lang]["R@1"] for lang in langs], width,
-                   label=LABELS[arm])
-        ax.set_xticks(np.arange(len(langs)) + 0.4 - width / 2, langs)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("R@1")
-        ax.set_title(name, fontsize=10)
-    axes[0, 0].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "r1_by_arm.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(tests)
-    for i, (name, arms) in enumerate(tests.items()):
-        gaps = [r["gap"]["R@1"] for r in arms.values()]
-        errors = np.array([[g - r["gap"]["ci95"][0], r["gap"]["ci95"][1] - g] for g, r in zip(gaps, arms.values())]).T
-        ax.bar(np.arange(len(arms)) + i * width, gaps, width, yerr=errors, capsize=3, label=name)
-    ax.set_xticks(np.arange(len(ARMS)) + 0.4 - width / 2, [LABELS[a].split(" ", 1)[0] for a in ARMS])
-    ax.set_ylabel("R@1 gap (high − low)")
-    ax.set_title("Gap by arm, 95% bootstrap CI", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "gap_by_arm.png", dpi=120)
-    plt.close(fig)
-

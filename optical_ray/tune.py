@@ -1,5 +1,5 @@
-"""Sweeps of the Sinkhorn regularization ε and the InfoNCE temperature τ (and optionally the loss
-weights) on Ray Tune, with ASHA stopping weak trials at each dev evaluation.
+"""Sweeps of the Sinkhorn regularization ε, the InfoNCE temperature τ, the learning rate and the loss
+weights on Ray Tune, with ASHA stopping weak trials at each dev evaluation.
 
 Each trial runs :func:`optical_ray.distill.fit` in one process and reports its dev metrics, with
 ``objective`` (higher is better) set from ``SweepConfig.objective``:
@@ -20,7 +20,7 @@ import io
 import logging
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from ray.tune.search import BasicVariantGenerator
 from . import storage
 from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
+from .ot import MIN_REG
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +44,33 @@ OBJECTIVES = {
     "mean_r1": lambda m: m["dev_r1_mean"],
     "neg_gap": lambda m: -m["dev_gap"],
 }
-SEARCHED = ("sinkhorn_reg", "temperature", "ot_weight", "contrastive_weight", "mse_weight")
+# Each knob a sweep may draw, and the distill config key it sets.
+KNOBS = {"sinkhorn_reg": "loss.sinkhorn_reg", "temperature": "loss.temperature", "lr": "optim.lr",
+         "ot_weight": "loss.ot_weight", "contrastive_weight": "loss.contrastive_weight",
+         "mse_weight": "loss.mse_weight"}
 
 
 def search_space(cfg: SweepConfig) -> dict:
+    """Log-uniform draws for every knob with a [low, high] range; [v, v] fixes it, [] leaves it out."""
     space = {}
-    for name in ("sinkhorn_reg", "temperature"):
+    for name in KNOBS:
         bounds = getattr(cfg.search, name)
+        if not bounds:
+            continue
         if len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]:
             raise ConfigError(f"search.{name} must be [low, high] with 0 < low <= high, got {bounds}")
+        if name == "sinkhorn_reg" and bounds[0] < MIN_REG:
+            raise ConfigError(f"search.sinkhorn_reg starts at {bounds[0]}: below {MIN_REG} Sinkhorn does not converge "
+                              f"in loss.sinkhorn_iters iterations, so the loss is not the OT cost")
         space[name] = tune.loguniform(*bounds) if bounds[0] < bounds[1] else bounds[0]
-    for name in ("ot_weight", "contrastive_weight", "mse_weight"):
-        if getattr(cfg.search, name):
-            space[name] = tune.choice(getattr(cfg.search, name))
+    if not space:
+        raise ConfigError("search: no knob to sweep (every range is empty)")
     return space
 
 
 def trial_config(base: dict, params: dict) -> DistillConfig:
-    """The distill config of one trial: the sweep's base with the sampled values in ``loss``."""
-    return load_config(DistillConfig, base, {f"loss.{k}": v for k, v in params.items() if k in SEARCHED})
+    """The distill config of one trial: the sweep's base with the sampled knob values."""
+    return load_config(DistillConfig, base, {KNOBS[k]: v for k, v in params.items() if k in KNOBS})
 
 
 def run_trial(config: dict) -> None:
@@ -121,6 +130,7 @@ class SweepResult:
     trials: pa.Table
     best: DistillConfig | None
     trial_steps: int  # training steps spent over all trials
+    best_params: dict = field(default_factory=dict)  # the winning trial's knob values
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
@@ -134,18 +144,19 @@ def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
             "trial": Path(result.path).name,
             "status": "ERROR" if result.error else "OK",
             "error": str(result.error).splitlines()[0][:300] if result.error else "",
-            **{k: float(params[k]) for k in SEARCHED if k in params},
+            **{k: float(params[k]) for k in KNOBS if k in params},
             "steps": int(metrics.get("step", 0)),
             **{k: float(v) for k, v in metrics.items() if k == "objective" or k.startswith("dev_")},
         })
     trials = pa.Table.from_pylist(rows)
     completed = [r for r in rows if r["status"] == "OK" and r["steps"] == cfg.distill.steps and "objective" in r]
-    best = None
+    best, best_params = None, {}
     if completed:
         top = max(completed, key=lambda r: r["objective"])
-        best = trial_config(to_dict(cfg.distill), top)
+        best_params = {k: top[k] for k in KNOBS if k in top}
+        best = trial_config(to_dict(cfg.distill), best_params)
     write_results(cfg, trials, best)
-    return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows))
+    return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows), best_params=best_params)
 
 
 def write_results(cfg: SweepConfig, trials: pa.Table, best: DistillConfig | None) -> None:
@@ -162,26 +173,31 @@ def write_results(cfg: SweepConfig, trials: pa.Table, best: DistillConfig | None
 
 
 def plot_sweep(trials: pa.Table, objective: str, path: Path) -> None:
+    """The dev objective over the first two swept knobs (one knob: the objective against it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in trials.to_pylist() if r.get("objective") is not None and not math.isnan(r["objective"])]
+    knobs = [k for k in KNOBS if k in trials.column_names]
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if rows:
-        eps = np.array([r["sinkhorn_reg"] for r in rows])
-        tau = np.array([r["temperature"] for r in rows])
+    if rows and knobs:
+        x = np.array([r[knobs[0]] for r in rows])
         obj = np.array([r["objective"] for r in rows])
         steps = np.array([r["steps"] for r in rows])
-        points = ax.scatter(eps, tau, c=obj, s=30 + 120 * steps / max(1, steps.max()), cmap="viridis", edgecolors="k")
+        y = np.array([r[knobs[1]] for r in rows]) if len(knobs) > 1 else obj
+        points = ax.scatter(x, y, c=obj, s=30 + 120 * steps / max(1, steps.max()), cmap="viridis", edgecolors="k")
         fig.colorbar(points, ax=ax, label=f"objective ({objective})")
         best = int(np.argmax(obj))
-        ax.annotate(f"best {obj[best]:.3f}", (eps[best], tau[best]), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("Sinkhorn regularization ε")
-    ax.set_ylabel("temperature τ")
+        ax.annotate(f"best {obj[best]:.3f}", (x[best], y[best]), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(knobs[0])
+        if len(knobs) > 1:
+            ax.set_yscale("log")
+            ax.set_ylabel(knobs[1])
+        else:
+            ax.set_ylabel(f"objective ({objective})")
     ax.set_title("Sweep: dev objective (marker size: steps trained)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,51 +1,126 @@
-"""The experiment runner end to end with tiny models: teacher choice and sweep on dev, four arms on
-Ray Train, test evaluation with bootstrap intervals, RESULTS.md and plots."""
+"""The experiment: the arm table as configs, held-out languages out of training, run records, and one
+cheap end-to-end run (one trained arm, one seed, tiny models) that a second call skips."""
 
 import json
 
+import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config
-from optical_ray.experiment import ARMS, run_experiment
+from optical_ray.distill import load_bitext
+from optical_ray.experiment import (
+    ARMS,
+    arm_config,
+    config_key,
+    pack_ranks,
+    sweep_config,
+    training_fields,
+    unpack_ranks,
+)
 
 
-@pytest.mark.timeout(900)
-def test_experiment_runs_every_arm_and_writes_the_report(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path):
-    cfg = load_config(ExperimentConfig, {
-        "out_dir": str(tmp_path / "exp"), "teachers": [str(tiny_teacher_dir), str(tiny_model_dir)], "bootstrap": 50,
-        "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
-                    "data": {"dev_languages": ["de", "qu"]},
-                    "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
-        "sweep": {"num_samples": 2, "scheduler": "fifo", "max_concurrent_trials": 2, "cpus_per_trial": 0.5},
-        "test_sets": [{"name": "sample_2018", "data": [str(SAMPLE_DIR / "test_2018_captions.parquet")],
-                       "query_langs": ["de", "es", "ay", "qu"], "high": ["de", "es"], "low": ["ay", "qu"]}],
+def experiment_config(tmp_path, **extra) -> ExperimentConfig:
+    return load_config(ExperimentConfig, {
+        "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+        "held_out_languages": ["gn"],
+        "distill": {"data": {"languages": ["de", "es", "ay", "gn", "qu"], "dev_languages": ["de", "gn", "qu"],
+                             "low_resource": ["ay", "gn", "qu"]}},
+        "sweep": {"search": {"lr": [1e-5, 1e-4], "sinkhorn_reg": [0.01, 1.0], "temperature": [0.01, 0.5],
+                             "ot_weight": [0.1, 10.0]}},
+        **extra,
     })
-    results = run_experiment(cfg)
 
-    out = tmp_path / "exp"
+
+@pytest.mark.parametrize("arm", [a for a in ARMS if ARMS[a].weights is not None])
+def test_each_arm_becomes_its_config_and_sweeps_only_its_knobs(tmp_path, arm):
+    cfg = experiment_config(tmp_path)
+    run = arm_config(cfg, arm, "minilm-en", seed=2, params={"lr": 3e-5})
+    weights = ARMS[arm].weights
+    assert (run.loss.ot_weight, run.loss.contrastive_weight, run.loss.mse_weight) == (
+        weights.ot, weights.contrastive, weights.mse)
+    assert run.teacher == "minilm-en" and run.seed == 2 and run.optim.lr == 3e-5
+    # The held-out language is out of training, of the dev evaluation and of the dev objective.
+    assert "gn" not in run.data.languages + run.data.dev_languages + run.data.low_resource
+    assert run.data.languages == ["de", "es", "ay", "qu"]
+    swept = {knob for knob, bounds in vars(sweep_config(cfg, arm, "minilm-en").search).items() if bounds}
+    assert swept == set(ARMS[arm].knobs) and "lr" in swept
+    assert ("sinkhorn_reg" in swept) == bool(weights.ot) and ("temperature" in swept) == bool(weights.contrastive)
+
+
+def test_the_untrained_arm_has_no_config(tmp_path):
+    with pytest.raises(ValueError, match="not trained"):
+        arm_config(experiment_config(tmp_path), "none", "student-init", 0)
+
+
+def test_held_out_language_never_reaches_the_training_stream(tmp_path):
+    run = arm_config(experiment_config(tmp_path), "ot+contrastive", "student-init", 0)
+    pairs = load_bitext(run)
+    assert pairs.num_rows > 0 and not pc.any(pc.equal(pairs["lang"], "gn")).as_py()
+    assert set(pc.unique(pairs["lang"]).to_pylist()) == {"de", "es", "ay", "qu"}
+
+
+def test_run_keys_follow_the_training_config_not_where_it_is_written(tmp_path):
+    cfg = experiment_config(tmp_path)
+    a = arm_config(cfg, "mse", "student-init", 0)
+    elsewhere = arm_config(experiment_config(tmp_path / "other"), "mse", "student-init", 0)
+    assert config_key(training_fields(a)) == config_key(training_fields(elsewhere))
+    assert config_key(training_fields(a)) != config_key(training_fields(arm_config(cfg, "mse", "student-init", 1)))
+
+
+def test_ranks_round_trip_through_a_record():
+    ranks = np.array([1, 3, np.inf, 1071, 2], dtype=float)
+    np.testing.assert_array_equal(unpack_ranks(json.loads(json.dumps(pack_ranks(ranks)))), ranks)
+
+
+@pytest.mark.timeout(600)
+def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path,
+                                                               monkeypatch):
+    cfg = load_config(ExperimentConfig, {
+        "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "bootstrap": 50,
+        "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir)],
+        "held_out_languages": ["gn"],
+        "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
+                    "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
+                    "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
+        "sweep": {"num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
+                  "search": {"lr": [1e-5, 1e-4], "ot_weight": [0.5, 2.0]}},
+        "test_sets": [{"name": "sample_2018", "data": [str(SAMPLE_DIR / "test_2018_captions.parquet")],
+                       "query_langs": ["de", "es", "ay", "gn", "qu"],
+                       "groups": {"high": ["de", "es"], "trained_low": ["ay", "qu"], "held_out_low": ["gn"]},
+                       "gaps": {"trained_low": ["high", "trained_low"], "held_out_low": ["high", "held_out_low"]}}],
+    })
+    from optical_ray.experiment import run_experiment
+
+    results = run_experiment(cfg)
+    out = tmp_path / "results"
+    records = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert len(records) == 2 and records[1].startswith("ot-contrastive-seed0-")
+    assert len(list((out / "sweeps").glob("ot-contrastive-*.json"))) == 1
+    assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     saved = json.loads((out / "results.json").read_text())
-    assert saved["teacher"] in cfg.teachers and set(saved["teacher_dev_scores"]) == set(cfg.teachers)
-    swept = load_config(ExperimentConfig, str(out / "experiment.yaml")).sweep.distill  # what the sweep ran
-    assert swept.teacher == saved["teacher"] and swept.student == str(tiny_model_dir) and swept.eval_every == 2
-    assert saved["sweep_trials"] == 2 and 1e-3 <= saved["sinkhorn_reg"] <= 1.0
-    arms = saved["tests"]["sample_2018"]
-    assert list(arms) == list(ARMS)
-    for report in arms.values():
-        assert report["languages"]["qu"]["n_queries"] == 1071
-        lo, hi = report["gap"]["ci95"]
-        assert lo <= report["gap"]["R@1"] <= hi
-    for arm, report in arms.items():
-        assert set(report["gap"]["diff_ci95"]) == set(ARMS) - {arm}
-        if arm == "none":
-            continue
-        lo, hi = report["gap"]["diff_ci95"]["none"]
-        assert lo <= report["gap"]["R@1"] - arms["none"]["gap"]["R@1"] <= hi
-    # Arms trained with different objectives end in different students.
-    assert len({json.dumps(r["languages"]) for r in arms.values()}) > 1
+    assert saved["status"] == {"runs": 2, "expected": 2, "complete": True}
+    assert set(saved["arms"]["ot+contrastive"]["params"]) == set(ARMS["ot+contrastive"].knobs)
+    test = saved["tests"]["sample_2018"]
+    for arm in ("none", "ot+contrastive"):
+        gap = test["arms"][arm]["gaps"]["held_out_low"]
+        assert gap["upper"] == ["de", "es"] and gap["lower"] == ["gn"]
+        lo, hi = gap["abs"]["ci95"]
+        assert lo <= gap["abs"]["value"] <= hi and test["arms"][arm]["languages"]["gn"]["n_queries"] == 1071
+    lo, hi = test["arms"]["ot+contrastive"]["gaps"]["trained_low"]["abs"]["diff_ci95"]["none"]
+    assert lo <= hi
     text = (out / "RESULTS.md").read_text()
-    assert "**Answer.** On sample_2018 OT + contrastive distillation" in text
-    assert f"{arms['none']['gap']['R@1']:.3f}" in text
-    lo, hi = arms["ot+contrastive"]["gap"]["diff_ci95"]["mse"]
-    assert f"[{lo:+.3f}, {hi:+.3f}] |" in text  # the paired change vs (1) in arm (3)'s row
+    assert "**sample_2018** (translation), gap `trained_low`" in text and "(3) OT + contrastive" in text
     assert (out / "r1_by_arm.png").stat().st_size > 0 and (out / "gap_by_arm.png").stat().st_size > 0
-    assert results["wall_time_s"] > 0
+
+    # A second call finds every run and sweep recorded: nothing is trained again.
+    import optical_ray.train
+    import optical_ray.tune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(optical_ray.train, "run_training", refuse)
+    monkeypatch.setattr(optical_ray.tune, "run_sweep", refuse)
+    again = run_experiment(cfg)
+    assert again["tests"] == json.loads(json.dumps(results["tests"]))

@@ -1,0 +1,267 @@
+"""The experiment's records turned into numbers, words and plots: results.json, RESULTS.md, and the
+per-language and per-gap plots.
+
+Statistics. R@1 per language is the mean over training seeds of the mean over queries; the seed spread
+is the standard deviation of the per-seed value. Intervals are 95% percentile bootstraps over
+**images**: each resample draws the test set's images with replacement, and every language, seed and
+arm is scored on the same draw, so queries describing the same picture move together and a difference
+between two arms is paired. Two gaps are reported: the absolute R@1 gap (mean R@1 of the higher group
+minus the lower; the answer uses this one) and the relative error-rate gap ((1 - R@1 low) / (1 - R@1
+high): how many times more often the lower group misses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics
+from .config import ExperimentConfig
+
+GAP_KINDS = {"abs": metrics.resource_gap, "rel": metrics.relative_error_gap}
+
+
+def arm_label(arm: str) -> str:
+    from .experiment import ARMS
+
+    return ARMS[arm].label
+
+
+def summarize_test(test, records: list[dict], arms: list[str], n_resamples: int) -> dict:
+    """Per arm: R@k per language (seed mean and spread) and every gap with its interval and its paired
+    interval against every other arm."""
+    from .experiment import unpack_ranks
+
+    spec = test.spec
+    images = np.unique(np.concatenate(list(test.query_images.values())))
+    query_index = {lang: np.searchsorted(images, ids) for lang, ids in test.query_images.items()}
+    weights = metrics.image_resamples(len(images), n_resamples, seed=0)
+    out: dict = {"protocol": spec.protocol, "groups": spec.groups, "gaps": spec.gaps, "n_images": len(images),
+                 "arms": {}}
+    draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for arm in arms:
+        runs = [r for r in records if r["arm"] == arm and spec.name in r["tests"]]
+        if not runs:
+            continue
+        ranks = {lang: np.stack([unpack_ranks(r["tests"][spec.name][lang]) for r in runs]) for lang in spec.query_langs}
+        recall_draws = {lang: metrics.weighted_recall(r <= 1, query_index[lang], weights) for lang, r in ranks.items()}
+        per_seed = {lang: (r <= 1).mean(axis=1) for lang, r in ranks.items()}
+        languages = {lang: {"R@1": float(per_seed[lang].mean()), "R@1_sd": sd(per_seed[lang]),
+                            **{f"R@{k}": float((r <= k).mean()) for k in (5, 10)},
+                            "MRR": float((1.0 / r).mean()), "n_queries": int(r.shape[1])}
+                     for lang, r in ranks.items()}
+        gaps, draws[arm] = {}, {}
+        for gap, (upper, lower) in spec.gaps.items():
+            hi = [lang for lang in spec.groups[upper] if lang in ranks]
+            lo = [lang for lang in spec.groups[lower] if lang in ranks]
+            gaps[gap] = {"upper": hi, "lower": lo}
+            for kind, fn in GAP_KINDS.items():
+                seeds = fn(per_seed, hi, lo)
+                draws[arm][f"{gap}/{kind}"] = fn(recall_draws, hi, lo)
+                gaps[gap][kind] = {"value": float(fn({k: v.mean() for k, v in per_seed.items()}, hi, lo)),
+                                   "ci95": list(metrics.percentile_interval(draws[arm][f"{gap}/{kind}"])),
+                                   "seed_mean": float(np.mean(seeds)), "seed_sd": sd(np.atleast_1d(seeds))}
+        out["arms"][arm] = {"seeds": [r["seed"] for r in runs], "languages": languages, "gaps": gaps}
+    for arm, summary in out["arms"].items():
+        for gap, entry in summary["gaps"].items():
+            for kind in GAP_KINDS:
+                entry[kind]["diff_ci95"] = {
+                    other: list(metrics.percentile_interval(draws[arm][f"{gap}/{kind}"] - draws[other][f"{gap}/{kind}"]))
+                    for other in out["arms"] if other != arm}
+    return out
+
+
+def sd(values: np.ndarray) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def write_results(cfg: ExperimentConfig, tests, records: list[dict], sweeps: dict[str, dict], teacher: str,
+                  teacher_scores: dict[str, float]) -> dict:
+    trained = [arm for arm in cfg.arms if arm != "none"]
+    expected = len(trained) * len(cfg.seeds) + ("none" in cfg.arms)
+    results = {
+        "status": {"runs": len(records), "expected": expected, "complete": len(records) >= expected},
+        "teacher": teacher, "teacher_dev_scores": teacher_scores,
+        "held_out_languages": cfg.held_out_languages,
+        "arms": {arm: {"label": arm_label(arm), "seeds": [r["seed"] for r in records if r["arm"] == arm],
+                       "params": sweeps.get(arm, {}).get("params", {}),
+                       "sweep_trials": len(sweeps.get(arm, {}).get("trials", [])),
+                       "dev": mean_dev([r for r in records if r["arm"] == arm])} for arm in cfg.arms},
+        "tests": {t.spec.name: summarize_test(t, records, cfg.arms, cfg.bootstrap) for t in tests},
+        "bootstrap": cfg.bootstrap,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cuda": torch.cuda.is_available()},
+        "wall_time_s": sum(r.get("wall_s", 0.0) for r in records),
+    }
+    out = Path(cfg.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "RESULTS.md").write_text(results_markdown(results, cfg))
+    plot_results(results, out)
+    return results
+
+
+def mean_dev(records: list[dict]) -> dict:
+    keys = sorted({k for r in records for k in r.get("dev", {})})
+    return {k: float(np.mean([r["dev"][k] for r in records if k in r.get("dev", {})])) for k in keys}
+
+
+def clear(interval: list[float]) -> str:
+    """'smaller' / 'larger' when the paired 95% interval of a difference excludes 0."""
+    lo, hi = interval
+    return "smaller" if hi < 0 else "larger" if lo > 0 else "unclear"
+
+
+def answer_lines(results: dict) -> list[str]:
+    """The measured answer, one bullet per test set and gap (absolute R@1 gap), then what OT adds
+    over contrastive alone."""
+    lines = []
+    for name, test in results["tests"].items():
+        arms = test["arms"]
+        if "none" not in arms or len(arms) < 2:
+            continue
+        for gap, ref in arms["none"]["gaps"].items():
+            narrowed, widened, same = [], [], []
+            for arm, summary in arms.items():
+                if arm == "none":
+                    continue
+                entry = summary["gaps"][gap]["abs"]
+                verdict = clear(entry["diff_ci95"]["none"])
+                text = f"{arm_label(arm)} {entry['value']:.3f} ({entry['value'] - ref['abs']['value']:+.3f})"
+                {"smaller": narrowed, "larger": widened, "unclear": same}[verdict].append(text)
+            groups = f"{', '.join(ref['upper'])} − {', '.join(ref['lower'])}"
+            parts = [f"narrowed by {'; '.join(narrowed)}" if narrowed else "narrowed by no arm",
+                     *( [f"widened by {'; '.join(widened)}"] if widened else []),
+                     *( [f"no clear change with {'; '.join(same)}"] if same else [])]
+            lines.append(f"- **{name}** ({test['protocol']}), gap `{gap}` ({groups}) = {ref['abs']['value']:.3f} "
+                         f"without distillation: {', '.join(parts)}.")
+        if "ot+contrastive" in arms and "contrastive" in arms:
+            adds = []
+            for gap, entry in arms["ot+contrastive"]["gaps"].items():
+                diff = entry["abs"]["value"] - arms["contrastive"]["gaps"][gap]["abs"]["value"]
+                lo, hi = entry["abs"]["diff_ci95"]["contrastive"]
+                adds.append(f"`{gap}` {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"  - OT added to contrastive ({name}): gap change {', '.join(adds)} "
+                         "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
+    return lines
+
+
+def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
+    d = cfg.distill
+    status = results["status"]
+    lines = ["# Which loss terms narrow the high/low-resource R@1 gap, and does it reach unseen languages?", "",
+             (f"Status: {status['runs']} of {status['expected']} runs recorded"
+              + ("." if status["complete"] else " — **partial**: arms or seeds are missing, so read every number "
+                 "below as preliminary. `optical-ray experiment` continues where it stopped.")), "",
+             "## Answer (absolute R@1 gap; paired 95% image-bootstrap intervals vs no distillation)", "",
+             *(answer_lines(results) or ["(no trained arm recorded yet)"]), "", "## Method", ""]
+    held = ", ".join(results["held_out_languages"]) or "none"
+    lines += [
+        (f"- Every arm starts from `{d.student}` with teacher `{results['teacher']}`"
+         + (f" (chosen on dev: {results['teacher_dev_scores']})" if results["teacher_dev_scores"] else "")
+         + f", trains {d.steps} steps of {d.batch_size} pairs on {', '.join(l for l in d.data.languages if l not in results['held_out_languages'])}"
+         f" on Ray Train, seeds {', '.join(map(str, cfg.seeds))}. A seed sets the data order (shuffle) and dropout; "
+         "the student start and the teacher are the same for every seed."),
+        f"- Held out of training and of every dev choice: **{held}** (they stay in the test sets).",
+        (f"- Equal tuning: each trained arm gets one Ray Tune sweep of {cfg.sweep.num_samples} trials "
+         f"({cfg.sweep.scheduler}, objective {cfg.sweep.objective} on the dev split, trained languages only) over "
+         "its own knobs; the chosen values:"), "",
+        "| arm | knobs swept | chosen | dev objective inputs (mean over seeds) |", "|---|---|---|---|"]
+    from .experiment import ARMS
+
+    for arm, info in results["arms"].items():
+        chosen = ", ".join(f"{k} {v:.3g}" for k, v in info["params"].items()) or "—"
+        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in info["dev"].items() if k in ("dev_r1_low", "dev_r1_mean")) or "—"
+        lines.append(f"| {info['label']} | {', '.join(ARMS[arm].knobs) or '—'} | {chosen} | {dev} |")
+    lines += ["", ("- R@1: mean over seeds (± seed standard deviation). Gaps: absolute (`abs`, used by the answer) "
+                   "and relative error rate (`rel` = (1 − R@1 low) / (1 − R@1 high)); intervals are 95% percentile "
+                   f"bootstraps over images ({results['bootstrap']} resamples), the same draw for every language, "
+                   "seed and arm; \"vs (0)\" is the paired interval of the change."), ""]
+    for name, test in results["tests"].items():
+        arms = test["arms"]
+        if not arms:
+            continue
+        langs = list(next(iter(arms.values()))["languages"])
+        lines += [f"## {name} — {test['protocol']} ({test['n_images']} images)", "",
+                  "Groups: " + "; ".join(f"{g}: {', '.join(v)}" for g, v in test["groups"].items()) + ".", "",
+                  "| arm | seeds | " + " | ".join(langs) + " |", "|---|---|" + "---|" * len(langs)]
+        for arm, summary in arms.items():
+            cells = " | ".join(f"{m['R@1']:.3f}" + (f" ±{m['R@1_sd']:.3f}" if m["R@1_sd"] else "")
+                               for m in summary["languages"].values())
+            lines.append(f"| {arm_label(arm)} | {len(summary['seeds'])} | {cells} |")
+        lines += ["", "| arm | gap | abs [95% CI] | abs seeds mean ± sd | abs vs (0) | rel [95% CI] | rel vs (0) |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, summary in arms.items():
+            for gap, entry in summary["gaps"].items():
+                a, r = entry["abs"], entry["rel"]
+                vs_a = fmt_interval(a["diff_ci95"].get("none")) if arm != "none" else "—"
+                vs_r = fmt_interval(r["diff_ci95"].get("none")) if arm != "none" else "—"
+                lines.append(f"| {arm_label(arm)} | {gap} | {a['value']:.3f} {fmt_interval(a['ci95'], sign=False)} | "
+                             f"{a['seed_mean']:.3f} ± {a['seed_sd']:.3f} | {vs_a} | "
+                             f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
+        lines.append("")
+    machine = results["machine"]
+    lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
+              "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
+              ("Finished runs are recorded in `runs/` (one JSON per arm and seed, keyed by a hash of its effective "
+               "config) and sweeps in `sweeps/`; a rerun skips them. "
+               f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
+               f"CUDA {'yes' if machine['cuda'] else 'no'}. Training + evaluation time of the recorded runs: "
+               f"{results['wall_time_s'] / 60:.0f} min (sweeps not included)."), ""]
+    return "\n".join(lines)
+
+
+def fmt_interval(interval, sign: bool = True, digits: int = 3) -> str:
+    if interval is None:
+        return "—"
+    lo, hi = interval
+    spec = f"+.{digits}f" if sign else f".{digits}f"
+    return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+def plot_results(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = {name: t for name, t in results["tests"].items() if t["arms"]}
+    if not tests:
+        return
+    fig, axes = plt.subplots(len(tests), 1, figsize=(12, 3.2 * len(tests)), squeeze=False)
+    for ax, (name, test) in zip(axes[:, 0], tests.items()):
+        arms = test["arms"]
+        langs = list(next(iter(arms.values()))["languages"])
+        width = 0.8 / len(arms)
+        for i, (arm, summary) in enumerate(arms.items()):
+            ax.bar(np.arange(len(langs)) + i * width, [summary["languages"][lang]["R@1"] for lang in langs], width,
+                   yerr=[summary["languages"][lang]["R@1_sd"] for lang in langs], capsize=1.5, label=arm_label(arm))
+        ax.set_xticks(np.arange(len(langs)) + 0.4 - width / 2, langs)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("R@1")
+        ax.set_title(f"{name} ({test['protocol']}); error bars: seed sd", fontsize=10)
+    axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "r1_by_arm.png", dpi=110)
+    plt.close(fig)
+
+    panels = [(name, gap) for name, test in tests.items() for gap in test["gaps"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels) + 1, 3.8), squeeze=False, sharey=True)
+    for ax, (name, gap) in zip(axes[0], panels):
+        arms = tests[name]["arms"]
+        values = [s["gaps"][gap]["abs"]["value"] for s in arms.values()]
+        errors = np.array([[v - s["gaps"][gap]["abs"]["ci95"][0], s["gaps"][gap]["abs"]["ci95"][1] - v]
+                           for v, s in zip(values, arms.values())]).T
+        ax.bar(np.arange(len(arms)), values, yerr=errors, capsize=3, color=[f"C{i}" for i in range(len(arms))])
+        ax.set_xticks(np.arange(len(arms)), [arm_label(a) for a in arms], rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{name}\n{gap}", fontsize=8)
+        ax.axhline(0, color="k", lw=0.5)
+    axes[0, 0].set_ylabel("absolute R@1 gap, 95% CI")
+    fig.tight_layout()
+    fig.savefig(out / "gap_by_arm.png", dpi=110)
+    plt.close(fig)
