@@ -49,8 +49,8 @@ def build_student(folder: Path, tokenizer_dir: str, tiny: bool) -> Path:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else \
-        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=12, intermediate_size=1536)
+    shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64} if tiny else \
+        {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 1536}
     config = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                         **shape)
     Encoder(BertModel(config, add_pooling_layer=False), tokenizer, prompts=E5_PROMPTS, max_length=64).save(folder)
@@ -273,8 +273,8 @@ def main() -> None:
             return
         result["bf16_numerics"] = bf16_agreement(model_dir, device)
         save()
-        from optical_ray.data import query_captions, read_captions
         from optical_ray.config import SAMPLE_DIR
+        from optical_ray.data import query_captions, read_captions
 
         captions = read_captions(str(SAMPLE_DIR / "test_2018_captions.parquet"))
         queries = [t for lang in ("de", "fr", "es", "zh") for t in query_captions(captions, lang)["text"].to_pylist()]

@@ -7,9 +7,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig
-
 from conftest import REPO
+from transformers import BertConfig
 
 spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(spec)
