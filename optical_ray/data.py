@@ -8,6 +8,7 @@ English caption it translates, keeps evaluation images out, and accounts for eve
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -139,20 +140,38 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
     return pairs, report
 
 
+PREPARED_MARKER = "_SUCCESS.json"
+
+
 def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_000) -> list[str]:
-    """Write bitext pairs as ``part-NNNNN.parquet`` shards under a folder URI (local or s3://)."""
+    """Write bitext pairs as ``part-NNNNN.parquet`` shards under a folder URI (local or s3://).
+
+    ``_SUCCESS.json`` (the parts, rows per language) is removed first and written last: a folder
+    without it holds an unfinished preparation and is refused, and parts it does not list -- left
+    there by an earlier, larger preparation -- are never read."""
+    storage.delete(storage.join(out_uri, PREPARED_MARKER))
     paths = []
     for i, start in enumerate(range(0, max(pairs.num_rows, 1), rows_per_shard)):
         path = storage.join(out_uri, f"part-{i:05d}.parquet")
         storage.write_parquet(pairs.slice(start, rows_per_shard), path)
         paths.append(path)
+    langs, counts = np.unique(pairs["lang"].to_numpy(zero_copy_only=False), return_counts=True)
+    marker = {"parts": [p.rsplit("/", 1)[-1] for p in paths], "rows": pairs.num_rows,
+              "pairs_per_language": {str(lang): int(n) for lang, n in zip(langs, counts)}}
+    storage.write_bytes((json.dumps(marker, indent=1) + "\n").encode(), storage.join(out_uri, PREPARED_MARKER))
     return paths
 
 
 def check_bitext_shards(uri: str) -> list[str]:
-    """The shard files under ``uri``, after reading each footer: a missing bucket or key, a corrupt
-    shard or a wrong schema fails here, naming the URI, before any training starts."""
-    files = storage.list_files(uri, suffix=".parquet")
+    """The shard files a finished preparation under ``uri`` lists, after reading each footer: a
+    missing bucket or key, an unfinished preparation, a corrupt shard or a wrong schema fails here,
+    naming the URI, before any training starts."""
+    storage.list_files(uri)  # a missing bucket or folder is named here
+    marker = storage.join(uri, PREPARED_MARKER)
+    if not storage.exists(marker):
+        raise DataError(f"{uri}: no {PREPARED_MARKER}, so the bitext preparation there never finished "
+                        "(rerun `optical-ray data prepare`)")
+    files = [storage.join(uri, part) for part in json.loads(storage.read_bytes(marker))["parts"]]
     if not files:
         raise DataError(f"{uri}: no Parquet bitext shards")
     for path in files:

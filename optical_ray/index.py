@@ -1,17 +1,23 @@
 """FAISS retrieval indexes: build from an ``index_factory`` string, measure recall against exact
 search, and store index + metadata + manifest in a folder (local or s3://).
 
-A stored index is three files: ``index.faiss`` (``faiss.write_index``), ``metadata.parquet`` (row i
-of the index is row i: ``id``, ``image_id``, ``text``) and ``manifest.json`` (model, factory, count,
-dim, the index file's SHA-256, and recall@10 against exact search). Vectors are L2-normalised, so
-inner product is cosine similarity.
+A stored index is a folder of immutable versions and a pointer: each build writes
+``<root>/<version>/`` -- ``index.faiss`` (``faiss.write_index``), ``metadata.parquet`` (row i of the
+index is row i: ``id``, ``image_id``, ``text``) and ``manifest.json`` (model, prompts, normalisation,
+factory, count, dim, the SHA-256 of every file, recall@10 against exact search) -- and only then
+rewrites ``<root>/CURRENT`` with the version's name. Readers resolve ``CURRENT``, so they see the old
+version or the new one, never a mix; a build that fails leaves ``CURRENT`` where it was, and a
+rebuild into a live root never disturbs what is being served. Vectors are L2-normalised, so inner
+product is cosine similarity.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +27,7 @@ import pyarrow as pa
 
 from . import storage
 
-INDEX_FILE, METADATA_FILE, MANIFEST_FILE = "index.faiss", "metadata.parquet", "manifest.json"
+INDEX_FILE, METADATA_FILE, MANIFEST_FILE, CURRENT_FILE = "index.faiss", "metadata.parquet", "manifest.json", "CURRENT"
 
 
 class IndexFormatError(ValueError):
@@ -73,29 +79,62 @@ class StoredIndex:
 
 
 def save_index(index: faiss.Index, metadata: pa.Table, manifest: dict, out_uri: str) -> dict:
-    """Write the three files; the manifest goes last, so a folder with a manifest is complete."""
+    """Write a new version under ``out_uri`` and point ``CURRENT`` at it (last). Returns its manifest."""
+    import pyarrow.parquet as pq
+
     if index.ntotal != metadata.num_rows:
         raise IndexFormatError(f"index holds {index.ntotal} vectors but metadata has {metadata.num_rows} rows")
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / INDEX_FILE
         faiss.write_index(index, str(path))
-        blob = path.read_bytes()
-    manifest = {**manifest, "count": int(index.ntotal), "dim": int(index.d), "sha256": hashlib.sha256(blob).hexdigest()}
-    storage.write_bytes(blob, storage.join(out_uri, INDEX_FILE))
-    storage.write_parquet(metadata, storage.join(out_uri, METADATA_FILE))
-    storage.write_bytes((json.dumps(manifest, indent=2) + "\n").encode(), storage.join(out_uri, MANIFEST_FILE))
+        blobs = {INDEX_FILE: path.read_bytes()}
+    buffer = io.BytesIO()
+    pq.write_table(metadata, buffer, compression="zstd")
+    blobs[METADATA_FILE] = buffer.getvalue()
+    digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
+    version = f"v{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digests[INDEX_FILE][:8]}"
+    manifest = {**manifest, "version": version, "count": int(index.ntotal), "dim": int(index.d),
+                "normalized": "l2", "metric": "inner_product", "sha256": digests}
+    folder = storage.join(out_uri, version)
+    for name, blob in blobs.items():
+        storage.write_bytes(blob, storage.join(folder, name))
+    storage.write_bytes((json.dumps(manifest, indent=2) + "\n").encode(), storage.join(folder, MANIFEST_FILE))
+    storage.write_bytes((version + "\n").encode(), storage.join(out_uri, CURRENT_FILE))
     return manifest
 
 
+def resolve_version(uri: str) -> str:
+    """The version folder a root's ``CURRENT`` names, or ``uri`` itself when it is a version folder."""
+    pointer = storage.join(uri, CURRENT_FILE)
+    if storage.exists(pointer):
+        version = storage.read_bytes(pointer).decode().strip()
+        if not version or "/" in version:
+            raise IndexFormatError(f"{pointer}: not a version name ({version!r})")
+        return storage.join(uri, version)
+    return uri
+
+
 def load_index(uri: str) -> StoredIndex:
-    """Read a stored index and check it against its manifest (checksum, count, dimension)."""
-    manifest = json.loads(storage.read_bytes(storage.join(uri, MANIFEST_FILE)))
-    blob = storage.read_bytes(storage.join(uri, INDEX_FILE))
-    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
-        raise IndexFormatError(f"{uri}: {INDEX_FILE} does not match the checksum in {MANIFEST_FILE}")
-    index = faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
-    metadata = storage.read_parquet(storage.join(uri, METADATA_FILE))
+    """Read the current version of a stored index (or a version folder) and check every file
+    against the manifest's checksums, and the index against its count and dimension."""
+    folder = resolve_version(uri)
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(folder, MANIFEST_FILE)))
+    except storage.StorageError as err:
+        raise IndexFormatError(f"{uri}: no index there ({err})") from None
+    if not isinstance(manifest.get("sha256"), dict):
+        raise IndexFormatError(f"{folder}: {MANIFEST_FILE} has no per-file checksums (an index written before "
+                               "versioned indexes): rebuild it with `optical-ray index`")
+    blobs = {}
+    for name, digest in manifest["sha256"].items():
+        blobs[name] = storage.read_bytes(storage.join(folder, name))
+        if hashlib.sha256(blobs[name]).hexdigest() != digest:
+            raise IndexFormatError(f"{folder}: {name} does not match the checksum in {MANIFEST_FILE}")
+    if set(blobs) != {INDEX_FILE, METADATA_FILE}:
+        raise IndexFormatError(f"{folder}: {MANIFEST_FILE} must checksum {INDEX_FILE} and {METADATA_FILE}")
+    index = faiss.deserialize_index(np.frombuffer(blobs[INDEX_FILE], dtype=np.uint8))
+    metadata = storage.read_parquet(storage.join(folder, METADATA_FILE))
     if index.ntotal != manifest["count"] or metadata.num_rows != manifest["count"] or index.d != manifest["dim"]:
-        raise IndexFormatError(f"{uri}: index ({index.ntotal} x {index.d}), metadata ({metadata.num_rows} rows) and "
-                          f"manifest ({manifest['count']} x {manifest['dim']}) disagree")
+        raise IndexFormatError(f"{folder}: index ({index.ntotal} x {index.d}), metadata ({metadata.num_rows} rows) and "
+                               f"manifest ({manifest['count']} x {manifest['dim']}) disagree")
     return StoredIndex(index=index, metadata=metadata, manifest=manifest)

@@ -62,5 +62,6 @@ def build_corpus_index(model: str, data_uris: list[str], out_uri: str, factory: 
         sample = [texts[i] for i in rng.choice(len(texts), min(sample_queries, len(texts)), replace=False)]
         recall[query_lang] = recall_vs_exact(index, vectors, encoder.encode(sample, "query"), k=10)
     metadata = pa.table({"id": pa.array(np.arange(corpus.num_rows)), "image_id": corpus["image_id"], "text": corpus["text"]})
-    manifest = {"model": str(model), "factory": factory, "lang": lang, "recall_at_10_vs_exact": recall}
+    manifest = {"model": str(model), "prompts": {"corpus": "passage", "queries": "query"}, "factory": factory,
+                "lang": lang, "recall_at_10_vs_exact": recall}
     return save_index(index, metadata, manifest, out_uri)

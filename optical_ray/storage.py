@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import uuid
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -55,6 +56,17 @@ def join(base: str, *parts: str) -> str:
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
     return _info(fs, path, uri).type != pafs.FileType.NotFound
+
+
+def delete(uri: str) -> None:
+    """Remove a file; a missing one is not an error."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StorageError(f"{uri}: cannot delete ({err})") from err
 
 
 def list_files(uri: str, suffix: str = "") -> list[str]:
@@ -151,13 +163,14 @@ def _makedirs(fs: pafs.FileSystem, path: str) -> None:
 
 
 class _atomic_output:
-    """Write to ``path``: locally through a temporary file renamed into place; on S3 an object only
-    appears when its upload completes, so a failed write never leaves half a file behind."""
+    """Write to ``path`` through a temporary name that becomes ``path`` only when the write succeeded
+    (local: a rename; S3: a server-side copy, since closing an S3 stream -- also during an exception --
+    completes its upload). A failed write leaves nothing at ``path`` and removes the temporary."""
 
     def __init__(self, fs: pafs.FileSystem, path: str, uri: str):
         self.fs, self.path, self.uri = fs, path, uri
         self.local = isinstance(fs, pafs.LocalFileSystem)
-        self.tmp = f"{path}.tmp-{os.getpid()}" if self.local else path
+        self.tmp = f"{path}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> io.RawIOBase:
         try:
@@ -171,9 +184,22 @@ class _atomic_output:
             self.stream.close()
         except OSError as err:
             if exc_type is None:
+                self._discard()
                 raise StorageError(f"{self.uri}: cannot write ({err})") from err
-        if self.local:
-            if exc_type is None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
+            if self.local:
                 os.replace(self.tmp, self.path)
-            elif os.path.exists(self.tmp):
-                os.remove(self.tmp)
+            else:
+                self.fs.move(self.tmp, self.path)
+        except OSError as err:
+            self._discard()
+            raise StorageError(f"{self.uri}: cannot write ({err})") from err
+
+    def _discard(self) -> None:
+        try:
+            self.fs.delete_file(self.tmp)
+        except OSError:
+            pass  # never created, or already gone

@@ -9,56 +9,80 @@ OpenAPI docs at ``/docs``).
     serve run serve.app:build_app model=student-init index_uri=runs/index
     serve deploy serve/config.yaml
 
-When ``OPTICAL_RAY_API_KEY`` is set, every route but ``/healthz`` needs the key, as
-``X-API-Key: KEY``, ``Authorization: Bearer KEY`` or HTTP Basic auth with KEY as the password (so a
-browser can open the search page); the key is never logged. Set it in the environment of the Ray
-node processes (``OPTICAL_RAY_API_KEY=... ray start``, or a Kubernetes Secret in the pod spec), never
-in a runtime_env's ``env_vars``: Ray writes those to its logs and keeps them in the cluster state.
-The ``api_key_env`` argument names another variable, for apps that need keys of their own.
+Fails closed: every route but ``/healthz`` needs the key in ``OPTICAL_RAY_API_KEY``, as ``X-API-Key:
+KEY``, ``Authorization: Bearer KEY`` or HTTP Basic auth with KEY as the password (so a browser can open
+the search page); without the variable the app refuses to start, unless its args say ``auth: none``
+(then it starts open and logs one warning). The key is never logged. Set it in the environment of
+the Ray node processes (``OPTICAL_RAY_API_KEY=... ray start``, or a Kubernetes Secret in the pod spec),
+never in a runtime_env's ``env_vars``: Ray writes those to its logs and keeps them in the cluster
+state. The ``api_key_env`` argument names another variable, for apps that need keys of their own.
+
+Bounded: bodies over ``MAX_BODY_BYTES`` get 413 before they are read; when ``max_in_flight`` requests
+(SearchAPI's user_config) are already in a SearchAPI replica, or a downstream deployment's queue is full
+(``max_queued_requests``), the answer is 503 with ``Retry-After``; ``http_options.request_timeout_s``
+caps a request's life. Every error is JSON ``{"error": ...}`` and documented in the OpenAPI schema.
+
+A swap to an index that cannot be used (missing, checksum mismatch, another model or dimension) is
+refused: the replica keeps serving the index it has, logs why, and reports it at ``/status``.
 """
 
 import asyncio
 import base64
 import hmac
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray.index import load_index
-from optical_ray.models import Encoder
+from optical_ray.models import Encoder, resolve_model
 
 log = logging.getLogger("ray.serve")
 
 MAX_QUERIES = 64
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
+# A full request (64 queries of 1,000 characters, 4 bytes each in UTF-8 at worst) and JSON overhead.
+MAX_BODY_BYTES = 512 * 1024
+MAX_IN_FLIGHT = 64
+RETRY_AFTER_S = 1
 API_KEY_ENV = "OPTICAL_RAY_API_KEY"
+OPEN_PATHS = ("/healthz",)
 PAGE = Path(__file__).with_name("search.html")
+
+# "\S": at least one non-space character, in a form JSON Schema states too (a blank query is refused
+# by a generated client as by the server).
+Query = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")]
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    queries: list[StrictStr] = Field(min_length=1, max_length=MAX_QUERIES,
-                                     description="query texts, in any language the student reads")
+    queries: list[Query] = Field(min_length=1, max_length=MAX_QUERIES,
+                                 description="query texts, in any language the student reads; none blank, "
+                                             f"each at most {MAX_QUERY_CHARS} characters")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="hits per query")
 
-    @field_validator("queries")
-    @classmethod
-    def _non_blank_and_bounded(cls, queries: list[str]) -> list[str]:
-        for i, query in enumerate(queries):
-            if not query.strip():
-                raise ValueError(f"queries[{i}] is blank")
-            if len(query) > MAX_QUERY_CHARS:
-                raise ValueError(f"queries[{i}] has {len(query)} characters (at most {MAX_QUERY_CHARS})")
-        return queries
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, naming the field for client errors")
+    detail: list[dict] | None = Field(None, description="one entry per invalid field (422 only)")
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "malformed request", 401: "missing or wrong API key", 411: "a body without Content-Length",
+    413: f"body over {MAX_BODY_BYTES} bytes", 422: "a field is invalid (named in `error`)",
+    500: "internal error", 503: "overloaded or no usable index: retry after `Retry-After` seconds"}.items()}
 
 
 class Hit(BaseModel):
@@ -92,29 +116,77 @@ class QueryEncoder:
         return await self.embed(query)
 
 
+class IndexMismatchError(ValueError):
+    """A stored index that cannot serve this app's encoder."""
+
+
+def local_model_id(model: str) -> str:
+    """The same model named the same way: local folders by absolute path, names and URIs as given."""
+    return model if model.startswith("s3://") or not os.path.exists(model) else os.path.abspath(model)
+
+
 @serve.deployment(max_ongoing_requests=64)
 class Retriever:
-    """Holds one FAISS index copy per replica (FAISS is a library, not a server)."""
+    """Holds one FAISS index copy per replica (FAISS is a library, not a server).
 
-    def __init__(self, index_uri: str):
-        self.state = self._load(index_uri)
+    The index comes from ``user_config.index_uri`` when the deployment has one (loaded once, by
+    ``reconfigure``), else from ``index_uri``. A swap that fails keeps the current index serving.
+    """
 
-    @staticmethod
-    def _load(uri: str) -> tuple:
+    def __init__(self, index_uri: str, model: str):
+        self.default_uri, self.model = index_uri, local_model_id(model)
+        self.dim = json.loads((resolve_model(model) / "config.json").read_text())["hidden_size"]
+        self.state: tuple | None = None
+        self.version: str | None = None
+        self.failed_swaps, self.last_error, self.configured = 0, None, False
+
+    def _load(self, uri: str) -> tuple:
         stored = load_index(uri)
+        built_with = stored.manifest.get("model")
+        if built_with is not None and local_model_id(built_with) != self.model:
+            raise IndexMismatchError(f"{uri} was built with model {built_with!r}, this app encodes with {self.model!r}")
+        if stored.index.d != self.dim:
+            raise IndexMismatchError(f"{uri} holds {stored.index.d}-d vectors, the encoder makes {self.dim}-d ones")
         meta = stored.metadata
+        self.version = stored.manifest.get("version")
         return uri, stored.index, meta["id"].to_pylist(), meta["image_id"].to_pylist(), meta["text"].to_pylist()
 
-    def reconfigure(self, config: dict) -> None:
-        """Hot swap: the new index is loaded completely before one assignment replaces the old one,
-        so requests in flight finish on the old index and later ones see the new."""
-        uri = config.get("index_uri")
-        if uri and uri != self.state[0]:
+    def _swap(self, uri: str) -> None:
+        """Load ``uri`` completely, then replace the old index with one assignment, so requests in flight
+        finish on the old index; on failure keep the old one (or, with none yet, fail the replica)."""
+        if self.state is not None and uri == self.state[0]:
+            return
+        try:
             self.state = self._load(uri)
             log.info("index swapped to %s", uri)
+        except Exception as err:  # any failure to load is a refused swap, never an outage
+            self.failed_swaps += 1
+            self.last_error = f"{uri}: {type(err).__name__}: {err}"
+            if self.state is None:
+                raise
+            log.error("index swap refused, still serving %s: %s", self.state[0], self.last_error)
+
+    def reconfigure(self, config: dict) -> None:
+        self.configured = True
+        self._swap(config.get("index_uri") or self.default_uri)
+
+    def _current(self) -> tuple:
+        if self.state is None and not self.configured:
+            self._swap(self.default_uri)
+        return self.state
+
+    def check_health(self) -> None:
+        """Serve's readiness probe: a replica without a usable index is not healthy."""
+        if self._current() is None:
+            raise RuntimeError(f"no usable index: {self.last_error}")
+
+    def status(self) -> dict:
+        uri, index, *_ = self._current()
+        return {"index": uri, "version": self.version, "count": int(index.ntotal), "dim": int(index.d),
+                "failed_swaps": self.failed_swaps, "last_error": self.last_error}
 
     def search(self, vectors: np.ndarray, k: int) -> dict:
-        uri, index, ids, image_ids, texts = self.state
+        uri, index, ids, image_ids, texts = self._current()
         scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
         results = [[{"id": ids[r], "image_id": image_ids[r], "score": float(s), "text": texts[r]}
                     for s, r in zip(score_row, row) if r >= 0] for score_row, row in zip(scores, rows)]
@@ -139,54 +211,121 @@ def _presented_key(request: Request) -> str | None:
     return None
 
 
+def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
 @app.middleware("http")
-async def require_api_key(request: Request, call_next):
-    expected = os.environ.get(getattr(request.app.state, "api_key_env", API_KEY_ENV))
+async def guard(request: Request, call_next):
+    """API key (fail closed) and body size, before anything reads the body."""
     path = request.scope["path"].removeprefix(request.scope.get("root_path", "").rstrip("/"))
-    if expected and path != "/healthz":
+    if getattr(request.app.state, "auth", "api_key") != "none" and path not in OPEN_PATHS:
+        expected = os.environ.get(getattr(request.app.state, "api_key_env", API_KEY_ENV))
         presented = _presented_key(request)
-        if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
-            return JSONResponse({"error": "missing or wrong API key"}, status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="optical-ray"'})
+        if not expected or presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
+            return error(401, "missing or wrong API key", {"WWW-Authenticate": 'Basic realm="optical-ray"'})
+    if request.method in ("POST", "PUT", "PATCH"):
+        length = request.headers.get("content-length")
+        if length is None:
+            return error(411, "a request body needs a Content-Length header")
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return error(413, f"body of {length} bytes: at most {MAX_BODY_BYTES}")
     return await call_next(request)
 
 
 @app.exception_handler(RequestValidationError)
 async def readable_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     def where(loc) -> str:
-        return ".".join(str(p) for p in loc if p != "body") or "body"
+        parts = [p for p in loc if p != "body"]
+        if len(parts) >= 2 and parts[0] == "queries" and isinstance(parts[1], int):
+            return f"queries[{parts[1]}]" + "".join(f".{p}" for p in parts[2:])
+        return ".".join(str(p) for p in parts) or "body"
 
-    messages = [f"{where(e['loc'])}: {e['msg']}" for e in exc.errors()]
-    return JSONResponse({"error": "; ".join(messages), "detail": [
-        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]}, status_code=422)
+    def message(e: dict) -> str:
+        if e["type"] == "string_pattern_mismatch":
+            return f"{where(e['loc'])} is blank"
+        if e["type"] == "string_too_long" and isinstance(e.get("input"), str):
+            return f"{where(e['loc'])} has {len(e['input'])} characters (at most {MAX_QUERY_CHARS})"
+        return f"{where(e['loc'])}: {e['msg']}"
+
+    return error(422, "; ".join(message(e) for e in exc.errors()),
+                 detail=[{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
 
 
-@serve.deployment(max_ongoing_requests=64)
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("request failed")
+    return error(500, f"internal error ({type(exc).__name__})")
+
+
+def check_auth(auth: str, api_key_env: str) -> None:
+    """Refuse to start open by accident: a key in ``api_key_env``, or ``auth: none`` said explicitly."""
+    if auth not in ("api_key", "none"):
+        raise ValueError(f"serve app arg auth must be api_key or none, got {auth!r}")
+    if auth == "api_key" and not os.environ.get(api_key_env):
+        raise RuntimeError(f"refusing to start without an API key: set {api_key_env} in the environment of the Ray "
+                           "nodes (a Kubernetes Secret on KubeRay), or serve without one on purpose with the app "
+                           "arg auth: none")
+
+
+@serve.deployment(max_ongoing_requests=256)
 @serve.ingress(app)
 class SearchAPI:
-    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, api_key_env: str = API_KEY_ENV):
+    def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, api_key_env: str = API_KEY_ENV,
+                 auth: str = "api_key"):
+        check_auth(auth, api_key_env)  # in the replica too: its node's environment is what counts
+        if auth == "none":
+            log.warning("serving WITHOUT authentication (auth: none): every route is public")
         self.encoder, self.retriever = encoder, retriever
-        app.state.api_key_env = api_key_env
+        self.max_in_flight, self.in_flight = MAX_IN_FLIGHT, 0
+        app.state.api_key_env, app.state.auth = api_key_env, auth
 
-    @app.post("/search", response_model=SearchResponse)
-    async def search(self, request: SearchRequest) -> dict:
-        vectors = await asyncio.gather(*(self.encoder.remote(q) for q in request.queries))
-        return await self.retriever.search.remote(np.stack(vectors), request.k)
+    def reconfigure(self, config: dict) -> None:
+        self.max_in_flight = int(config.get("max_in_flight", MAX_IN_FLIGHT))
+
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS)
+    async def search(self, request: SearchRequest):
+        # Shed load here, with a JSON answer, rather than queueing without bound: a client that waits
+        # past its own timeout only makes the replicas work for nobody.
+        if self.in_flight >= self.max_in_flight:
+            return error(503, f"overloaded: {self.in_flight} requests in progress", {"Retry-After": str(RETRY_AFTER_S)})
+        self.in_flight += 1
+        try:
+            vectors = await asyncio.gather(*(self.encoder.remote(q) for q in request.queries))
+            return await self.retriever.search.remote(np.stack(vectors), request.k)
+        except BackPressureError as err:
+            return error(503, f"overloaded: {err}", {"Retry-After": str(RETRY_AFTER_S)})
+        finally:
+            self.in_flight -= 1
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
+        """Liveness for load balancers: open, and it says nothing about the index or the model."""
         return {"status": "ok"}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/status", responses=ERRORS)
+    async def status(self) -> dict:
+        """The index one Retriever replica serves, and its refused swaps (the last error named)."""
+        return {"retriever": await self.retriever.status.remote(), "in_flight": self.in_flight}
+
+    @app.get("/", response_class=HTMLResponse, responses=ERRORS)
     async def page(self) -> str:
         return PAGE.read_text()
 
 
 def build_app(args: dict) -> serve.Application:
-    """``serve run serve.app:build_app model=DIR index_uri=URI`` or the ``args`` of serve/config.yaml."""
+    """``serve run serve.app:build_app model=DIR index_uri=URI`` or the ``args`` of serve/config.yaml
+    (also ``auth``: api_key | none, and ``api_key_env``)."""
     missing = [k for k in ("model", "index_uri") if not args.get(k)]
     if missing:
         raise ValueError(f"serve app needs the argument(s) {', '.join(missing)} (e.g. model=student-init index_uri=runs/index)")
+    auth, api_key_env = args.get("auth", "api_key"), args.get("api_key_env", API_KEY_ENV)
+    check_auth(auth, api_key_env)
     encoder = QueryEncoder.bind(args["model"])
-    retriever = Retriever.bind(args["index_uri"])
-    return SearchAPI.bind(encoder, retriever, args.get("api_key_env", API_KEY_ENV))
+    retriever = Retriever.bind(args["index_uri"], args["model"])
+    return SearchAPI.bind(encoder, retriever, api_key_env, auth)

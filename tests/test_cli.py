@@ -55,7 +55,7 @@ def test_every_command_has_help(capsys):
 def test_data_prepare_writes_bitext_shards_without_evaluation_images(tmp_path, capsys):
     import pyarrow.parquet as pq
 
-    from optical_ray.data import check_bitext_shards, image_ids
+    from optical_ray.data import DataError, check_bitext_shards, image_ids
 
     out = tmp_path / "bitext"
     val = str(SAMPLE_DIR / "val_captions.parquet")
@@ -67,3 +67,12 @@ def test_data_prepare_writes_bitext_shards_without_evaluation_images(tmp_path, c
     pairs = pq.read_table(out)
     assert pairs.num_rows == 3000 and not set(pairs["image_id"].to_pylist()) & image_ids([val])
     assert "600 evaluation images" in capsys.readouterr().out  # 300 val images x 2 languages, counted
+
+    # Prepared again into the same folder in one shard: the two stale parts left there are never read.
+    assert main(["data", "prepare", "--captions", str(SAMPLE_DIR / "train_captions.parquet"), "--languages", "de,qu",
+                 "--exclude-images-from", val, "--out", str(out), "--rows-per-shard", "3000"]) == 0
+    assert len(list(out.glob("part-*.parquet"))) == 3 and check_bitext_shards(str(out)) == [str(out / "part-00000.parquet")]
+    # A preparation that never finished (no marker) is refused by name.
+    (out / "_SUCCESS.json").unlink()
+    with pytest.raises(DataError, match="no _SUCCESS.json"):
+        check_bitext_shards(str(out))

@@ -45,6 +45,7 @@ def serve_config(port: int, index_uri: str) -> dict:
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"]["index_uri"] = index_uri
+    app["args"]["auth"] = "none"  # open on purpose (and said so): the tests of the key use "secure"
     for deployment in app["deployments"]:
         deployment["ray_actor_options"] = {"num_cpus": 0.05}
         if deployment["name"] == "Retriever":
@@ -55,7 +56,7 @@ def serve_config(port: int, index_uri: str) -> dict:
                                                 "look_back_period_s": 2}
     secure = copy.deepcopy(app)
     secure.update(name="secure", route_prefix="/secure")
-    secure["args"]["api_key_env"] = TEST_API_KEY_ENV  # set in the cluster's environment (conftest)
+    secure["args"].update(api_key_env=TEST_API_KEY_ENV, auth="api_key")  # set in the cluster's environment (conftest)
     for deployment in secure["deployments"]:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = 1
@@ -126,7 +127,7 @@ def test_search_finds_the_captions_of_the_query_image(service):
     ({"queries": ["   "], "k": 3}, "queries[0] is blank"),
     ({"queries": ["ok", "x" * 1001]}, "queries[1] has 1001 characters"),
     ({"queries": ["q"] * 65}, "queries"),
-    ({"queries": ["ok", 7]}, "queries.1"),
+    ({"queries": ["ok", 7]}, "queries[1]"),
     ({"queries": ["ok"], "k": 0}, "k"),
     ({"queries": ["ok"], "k": 101}, "k"),
     ({"queries": ["ok"], "k": "ten"}, "k"),
@@ -143,6 +144,77 @@ def test_non_json_body_is_a_client_error(service):
     assert response.status_code == 422 and "json" in response.json()["error"].lower()
 
 
+def test_every_error_is_json_and_bounded(service):
+    url = service["url"]
+    big = httpx.post(f"{url}/search", content=b'{"queries": ["' + b"x" * 600_000 + b'"]}',
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and "at most" in big.json()["error"]
+
+    def chunks():
+        yield b'{"queries": ["a dog"]}'
+
+    chunked = httpx.post(f"{url}/search", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 411 and "Content-Length" in chunked.json()["error"]
+    missing = httpx.get(f"{url}/no-such-route")
+    assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+    assert missing.json()["error"]
+    wrong_method = httpx.get(f"{url}/search")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]
+
+
+def test_openapi_states_what_the_server_enforces(service):
+    schema = httpx.get(f"{service['url']}/openapi.json").json()
+    search = schema["paths"]["/search"]["post"]
+    assert {"401", "413", "422", "503"} <= set(search["responses"])
+    request = schema["components"]["schemas"]["SearchRequest"]
+    queries = request["properties"]["queries"]
+    assert (queries["minItems"], queries["maxItems"]) == (1, 64)
+    assert queries["items"] == {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": "\\S"}
+    assert request["additionalProperties"] is False
+
+
+def fuzz_cases(rng: np.random.Generator, n: int) -> list[tuple[dict, bool]]:
+    """Requests drawn around /search's schema limits, each with whether the schema accepts it."""
+    strings = [("a dog", True), ("", False), ("   ", False), ("\t\n", False), ("x" * 1000, True), ("x" * 1001, False),
+               ("é" * 999, True), ("<script>alert(1)</script>", True), (" Hund ", True)]
+    cases = []
+    for _ in range(n):
+        count = int(rng.choice([0, 1, 1, 1, 1, 2, 3, 64, 65]))
+        items, ok = [], 1 <= count <= 64
+        for _ in range(count):
+            if rng.random() < 0.03:
+                items.append(int(rng.integers(0, 9)))
+                ok = False
+            else:
+                text, valid = ("dog", True) if count >= 64 or rng.random() < 0.7 else strings[int(rng.integers(len(strings)))]
+                items.append(text)
+                ok &= valid
+        body: dict = {"queries": items}
+        options = ["absent", "absent", "absent", 1, 5, 10, 100, 0, 101, "5", None, 2.5, True]
+        k = options[int(rng.integers(len(options)))]
+        if k != "absent":
+            body["k"] = k
+            ok &= type(k) is int and 1 <= k <= 100
+        if rng.random() < 0.05:
+            body["extra"] = 1
+            ok = False
+        cases.append((body, bool(ok)))
+    return cases
+
+
+@pytest.mark.timeout(600)
+def test_schema_fuzz_no_5xx_no_undocumented_status_no_valid_request_refused(service):
+    documented = {int(s) for s in httpx.get(f"{service['url']}/openapi.json").json()["paths"]["/search"]["post"]["responses"]}
+    cases = fuzz_cases(np.random.default_rng(0), 200)
+    assert 40 < sum(ok for _, ok in cases) < 160  # both kinds are exercised
+    with httpx.Client(timeout=120) as client:
+        for body, ok in cases:
+            response = client.post(f"{service['url']}/search", json=body)
+            assert response.status_code in documented and response.status_code < 500, (body, response.text)
+            assert (response.status_code == 200) == ok, (body, response.status_code, response.text[:300])
+            assert response.headers["content-type"] == "application/json"
+
+
 def test_api_key_guards_every_route_but_healthz(service, ray_cluster):
     url = f"{service['url']}/secure"
     assert httpx.get(f"{url}/healthz").status_code == 200
@@ -155,6 +227,135 @@ def test_api_key_guards_every_route_but_healthz(service, ray_cluster):
     assert httpx.get(f"{url}/", auth=("anyone", API_KEY)).status_code == 200
     logs = [p for p in Path(ray_cluster["temp_dir"]).rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
     assert logs and not [p for p in logs if API_KEY in p.read_text(errors="ignore")]
+
+
+def app_config(service: dict, app: str) -> tuple[dict, dict]:
+    """A copy of the deployed config, and in it the deployments of ``app`` by name."""
+    config = copy.deepcopy(service["config"])
+    spec = next(a for a in config["applications"] if a["name"] == app)
+    return config, {d["name"]: d for d in spec["deployments"]}
+
+
+@pytest.mark.timeout(600)
+def test_open_app_warns_and_an_app_without_its_key_refuses_to_start(service, ray_cluster):
+    logs = [p for p in Path(ray_cluster["temp_dir"]).rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert any("serving WITHOUT authentication" in p.read_text(errors="ignore") for p in logs)
+    config = copy.deepcopy(service["config"])
+    closed = copy.deepcopy(config["applications"][1])
+    closed.update(name="closed", route_prefix="/closed")
+    closed["args"].update(auth="api_key", api_key_env="OPTICAL_RAY_KEY_NOBODY_SET")
+    config["applications"].append(closed)
+    deploy(config, service["dashboard"], service["tmp"])
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        app = serve.status().applications.get("closed")
+        if app and app.status == "DEPLOY_FAILED":
+            break
+        time.sleep(1)
+    assert app and app.status == "DEPLOY_FAILED", app
+    assert "refusing to start without an API key" in app.message and "OPTICAL_RAY_KEY_NOBODY_SET" in app.message
+    deploy(service["config"], service["dashboard"], service["tmp"])  # and it is gone again
+    assert httpx.get(f"{service['url']}/closed/healthz").status_code == 404
+
+
+@pytest.mark.timeout(600)
+def test_overload_is_shed_with_503_and_retry_after(service):
+    config, deployments = app_config(service, "secure")
+    deployments["SearchAPI"]["user_config"] = {"max_in_flight": 2}
+    deploy(config, service["dashboard"], service["tmp"])
+    time.sleep(3)
+    heavy = {"queries": [f"Ein Hund Nummer {i} rennt über eine sehr große grüne Wiese im Park" * 3 for i in range(32)]}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=120, headers={"X-API-Key": API_KEY}) as client:
+            return await asyncio.gather(*(client.post(f"{service['url']}/secure/search", json=heavy) for _ in range(24)))
+
+    try:
+        started = time.time()
+        responses = asyncio.run(burst())
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 10, statuses
+        shed = [r for r in responses if r.status_code == 503]
+        assert all(r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"] for r in shed)
+        assert time.time() - started < 110
+    finally:
+        deploy(service["config"], service["dashboard"], service["tmp"])
+
+
+def store_bad_indexes(indexes: dict, bucket: str) -> dict:
+    """Three indexes a swap must refuse: missing, tampered (checksum), wrong dimension."""
+    import faiss
+    import pyarrow as pa
+
+    from optical_ray import storage
+    from optical_ray.index import INDEX_FILE, MANIFEST_FILE, METADATA_FILE, resolve_version, save_index
+
+    tampered = f"s3://{bucket}/index/tampered"
+    flat, hnsw = resolve_version(indexes["flat"]), resolve_version(indexes["hnsw"])
+    for name in (MANIFEST_FILE, METADATA_FILE):
+        storage.write_bytes(storage.read_bytes(storage.join(flat, name)), storage.join(tampered, name))
+    storage.write_bytes(storage.read_bytes(storage.join(hnsw, INDEX_FILE)), storage.join(tampered, INDEX_FILE))
+    wrong_dim = f"s3://{bucket}/index/wrong-dim"
+    small = faiss.IndexFlatIP(32)
+    small.add(np.random.default_rng(0).standard_normal((1071, 32)).astype(np.float32))
+    meta = pa.table({"id": np.arange(1071), "image_id": ["x"] * 1071, "text": ["x"] * 1071})
+    save_index(small, meta, {"model": "student-init", "factory": "Flat"}, wrong_dim)
+    return {"missing": f"s3://{bucket}/index/missing", "tampered": tampered, "wrong-dim": wrong_dim}
+
+
+@pytest.mark.timeout(900)
+def test_bad_index_swaps_roll_back_under_load(service, indexes, s3):
+    bad = store_bad_indexes(indexes, s3["bucket"])
+    url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
+    queries = ["Ein Hund rennt.", "Warmi t'ant'a manq'i.", "Un homme fait du vélo."]
+    expected_errors = {"missing": "missing", "tampered": "checksum", "wrong-dim": "32-d"}
+    phases, results = [], []
+
+    def swaps():
+        for n, (name, uri) in enumerate(bad.items(), start=1):
+            config, deployments = app_config(service, "secure")
+            deployments["Retriever"]["user_config"] = {"index_uri": uri}
+            deploy(config, service["dashboard"], service["tmp"])
+            deadline = time.time() + 120
+            while (status := httpx.get(f"{url}/status", headers=key).json()["retriever"])["failed_swaps"] < n:
+                assert time.time() < deadline, status
+                time.sleep(0.5)
+            phases.append((name, status))
+        config, deployments = app_config(service, "secure")
+        deployments["Retriever"]["user_config"] = {"index_uri": indexes["hnsw"]}
+        deploy(config, service["dashboard"], service["tmp"])
+
+    swapper = threading.Thread(target=swaps)
+    swapper.start()
+
+    async def load():
+        async with httpx.AsyncClient(timeout=60, headers=key) as client:
+            counter = iter(range(100_000))
+
+            async def worker():
+                for i in counter:
+                    if not swapper.is_alive() and len(results) >= 1000:
+                        return
+                    try:
+                        r = await client.post(f"{url}/search", json={"queries": [queries[i % 3]], "k": 3})
+                        results.append((r.status_code, r.json().get("index")))
+                    except httpx.HTTPError as err:
+                        results.append((0, repr(err)))
+            await asyncio.gather(*(worker() for _ in range(16)))
+
+    asyncio.run(load())
+    swapper.join()
+    assert len(results) >= 1000 and [r for r in results if r[0] != 200] == []
+    for name, status in phases:
+        assert status["index"] == indexes["flat"], status  # the old index kept serving
+        assert name in status["last_error"] or bad[name] in status["last_error"]
+        assert expected_errors[name] in status["last_error"].lower() or name == "missing", status
+    assert {index for _, index in results} <= {indexes["flat"], indexes["hnsw"]}
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/status", headers=key).json()["retriever"]["index"] != indexes["hnsw"]:
+        assert time.time() < deadline
+        time.sleep(0.5)
+    deploy(service["config"], service["dashboard"], service["tmp"])
 
 
 def run_load(url: str, total: int, clients: int, queries: list[str]) -> list:

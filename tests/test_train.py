@@ -93,8 +93,14 @@ def test_two_workers_from_s3_survive_a_worker_death(ray_cluster, s3, s3_bitext, 
 @pytest.mark.timeout(300)
 def test_bad_shards_fail_before_training_naming_the_uri(ray_cluster, s3, s3_bitext, tiny_model_dir):
     bucket = s3["bucket"]
-    s3["client"].put_object(Bucket=bucket, Key="broken/part-00000.parquet", Body=b"PAR1 this is not parquet")
+    marker = b'{"parts": ["part-00000.parquet"]}'
+    s3["client"].put_object(Bucket=bucket, Key="unfinished/part-00000.parquet", Body=b"PAR1 this is not parquet")
     cfg = tiny_ray_config(tiny_model_dir, tiny_model_dir, bucket, "broken")
+    cfg.data.bitext = f"s3://{bucket}/unfinished"
+    with pytest.raises(DataError, match=rf"s3://{bucket}/unfinished: no _SUCCESS.json"):
+        run_training(cfg)
+    s3["client"].put_object(Bucket=bucket, Key="broken/part-00000.parquet", Body=b"PAR1 this is not parquet")
+    s3["client"].put_object(Bucket=bucket, Key="broken/_SUCCESS.json", Body=marker)
     cfg.data.bitext = f"s3://{bucket}/broken"
     with pytest.raises(storage.StorageError, match=rf"s3://{bucket}/broken/part-00000.parquet: not a readable Parquet"):
         run_training(cfg)
@@ -105,6 +111,7 @@ def test_bad_shards_fail_before_training_naming_the_uri(ray_cluster, s3, s3_bite
     with pytest.raises(storage.StorageError, match="no such file or folder"):
         run_training(cfg)
     s3["client"].upload_file(str(tiny_model_dir / "config.json"), bucket, "wrong/part-00000.parquet")
+    s3["client"].put_object(Bucket=bucket, Key="wrong/_SUCCESS.json", Body=marker)
     cfg.data.bitext = f"s3://{bucket}/wrong"
     with pytest.raises((DataError, storage.StorageError), match=rf"s3://{bucket}/wrong/part-00000.parquet"):
         run_training(cfg)

@@ -1,0 +1,24 @@
+"""Writes are all or nothing, on local disk and on a real S3 endpoint (moto on 127.0.0.1)."""
+
+import pytest
+
+from optical_ray import storage
+
+
+def write_then_fail(uri: str) -> None:
+    fs, path = storage.resolve(uri)
+    storage._makedirs(fs, path)
+    with pytest.raises(RuntimeError, match="injected"), storage._atomic_output(fs, path, uri) as out:
+        out.write(b"half of a file" * 100_000)  # 1.4 MB: a multipart upload on S3
+        raise RuntimeError("injected failure mid-upload")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_write_that_fails_midway_leaves_no_visible_object(where, s3, tmp_path):
+    base = f"s3://{s3['bucket']}/atomic" if where == "s3" else str(tmp_path / "atomic")
+    target = storage.join(base, "index.faiss")
+    write_then_fail(target)
+    assert not storage.exists(target)
+    assert storage.list_files(base) == [] if storage.exists(base) else True  # no partial left behind either
+    storage.write_bytes(b"complete", target)
+    assert storage.read_bytes(target) == b"complete" and storage.list_files(base) == [target]
