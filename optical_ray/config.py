@@ -117,19 +117,17 @@ def with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
 
 
 def load_config(cls: type, source: str | Path | dict | None = None, overrides: dict | None = None):
-    """Build ``cls`` from a YAML file (or a dict), then apply dotted-key ``overrides``."""
+    """Build ``cls`` from a YAML file (or a dict), then apply dotted-key ``overrides``.
+
+    A file may start from another: ``base: other.yaml`` (relative to the file) loads that one first and
+    merges this file's mappings over it, key by key; lists and values replace the base's."""
     name = "<config>"
     raw: dict = {}
     if isinstance(source, dict):
         raw = source
     elif source is not None:
         name = str(source)
-        try:
-            raw = yaml.safe_load(Path(source).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{name}: no such config file") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{name}: not valid YAML ({err})") from None
+        raw = _read_yaml(Path(source), seen=())
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping at the top level, got {type(raw).__name__}")
     raw = _deep_copy(raw)
@@ -140,6 +138,28 @@ def load_config(cls: type, source: str | Path | dict | None = None, overrides: d
             node = node.setdefault(key, {})
         node[leaf] = value
     return _build(cls, raw, name, "")
+
+
+def _read_yaml(path: Path, seen: tuple) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    base = path.parent / str(raw.pop("base"))
+    if base.resolve() in seen:
+        raise ConfigError(f"{path}: base {base} includes itself")
+    return _merge(_read_yaml(base, (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
 
 
 def to_dict(config) -> dict:

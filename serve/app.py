@@ -32,6 +32,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringC
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray.index import load_index
@@ -60,6 +62,7 @@ RETRY_AFTER_S = 1
 API_KEY_ENV = "OPTICAL_RAY_API_KEY"
 OPEN_PATHS = ("/healthz",)
 PAGE = Path(__file__).with_name("search.html")
+LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
 # "\S": at least one non-space character, in a form JSON Schema states too (a blank query is refused
 # by a generated client as by the server).
@@ -103,6 +106,10 @@ class QueryEncoder:
 
     def __init__(self, model: str):
         self.encoder = Encoder.load(model)
+        self.encode_ms = Histogram("optical_ray_encode_latency_ms", "one batched forward pass of the query encoder",
+                                   boundaries=LATENCY_MS)
+        self.batch_size = Histogram("optical_ray_encode_batch_size", "queries per batched forward pass",
+                                    boundaries=[1, 2, 4, 8, 16, 32, 64])
 
     def reconfigure(self, config: dict) -> None:
         self.embed.set_max_batch_size(int(config.get("max_batch_size", 32)))
@@ -110,7 +117,11 @@ class QueryEncoder:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def embed(self, queries: list[str]) -> list[np.ndarray]:
-        return list(self.encoder.encode(queries, "query", batch_size=len(queries)))
+        started = time.perf_counter()
+        vectors = list(self.encoder.encode(queries, "query", batch_size=len(queries)))
+        self.encode_ms.observe(1000 * (time.perf_counter() - started))
+        self.batch_size.observe(len(queries))
+        return vectors
 
     async def __call__(self, query: str) -> np.ndarray:
         return await self.embed(query)
@@ -136,9 +147,13 @@ class Retriever:
     def __init__(self, index_uri: str, model: str):
         self.default_uri, self.model = index_uri, local_model_id(model)
         self.dim = json.loads((resolve_model(model) / "config.json").read_text())["hidden_size"]
-        self.state: tuple | None = None
-        self.version: str | None = None
+        self.state: tuple | None = None  # (uri, index, ids, image ids, texts, version)
         self.failed_swaps, self.last_error, self.configured = 0, None, False
+        self.search_ms = Histogram("optical_ray_search_latency_ms", "one FAISS search call", boundaries=LATENCY_MS)
+        self.hits = Counter("optical_ray_hits", "hits returned")
+        self.swap_failures = Counter("optical_ray_failed_index_swaps", "index swaps refused (the old index kept serving)")
+        self.index_info = Gauge("optical_ray_index_info", "1 for the index version a replica serves",
+                                tag_keys=("index", "version"))
 
     def _load(self, uri: str) -> tuple:
         stored = load_index(uri)
@@ -148,8 +163,8 @@ class Retriever:
         if stored.index.d != self.dim:
             raise IndexMismatchError(f"{uri} holds {stored.index.d}-d vectors, the encoder makes {self.dim}-d ones")
         meta = stored.metadata
-        self.version = stored.manifest.get("version")
-        return uri, stored.index, meta["id"].to_pylist(), meta["image_id"].to_pylist(), meta["text"].to_pylist()
+        return (uri, stored.index, meta["id"].to_pylist(), meta["image_id"].to_pylist(), meta["text"].to_pylist(),
+                stored.manifest.get("version"))
 
     def _swap(self, uri: str) -> None:
         """Load ``uri`` completely, then replace the old index with one assignment, so requests in flight
@@ -157,18 +172,27 @@ class Retriever:
         if self.state is not None and uri == self.state[0]:
             return
         try:
-            self.state = self._load(uri)
-            log.info("index swapped to %s", uri)
+            state = self._load(uri)
         except Exception as err:  # any failure to load is a refused swap, never an outage
             self.failed_swaps += 1
+            self.swap_failures.inc()
             self.last_error = f"{uri}: {type(err).__name__}: {err}"
             if self.state is None:
                 raise
             log.error("index swap refused, still serving %s: %s", self.state[0], self.last_error)
+            return
+        if self.state is not None:
+            self.index_info.set(0, tags={"index": self.state[0], "version": str(self.state[5])})
+        self.state = state
+        self.index_info.set(1, tags={"index": uri, "version": str(state[5])})
+        log.info("index swapped to %s (version %s)", uri, state[5])
 
     def reconfigure(self, config: dict) -> None:
+        """``index_uri``: a root (its CURRENT version) or a version folder; ``version`` (optional) picks
+        a version under the root, so a rebuild is rolled out, or back, by one user_config change."""
         self.configured = True
-        self._swap(config.get("index_uri") or self.default_uri)
+        uri = config.get("index_uri") or self.default_uri
+        self._swap(f"{uri.rstrip('/')}/{config['version']}" if config.get("version") else uri)
 
     def _current(self) -> tuple:
         if self.state is None and not self.configured:
@@ -181,15 +205,18 @@ class Retriever:
             raise RuntimeError(f"no usable index: {self.last_error}")
 
     def status(self) -> dict:
-        uri, index, *_ = self._current()
-        return {"index": uri, "version": self.version, "count": int(index.ntotal), "dim": int(index.d),
+        uri, index, *_, version = self._current()
+        return {"index": uri, "version": version, "count": int(index.ntotal), "dim": int(index.d),
                 "failed_swaps": self.failed_swaps, "last_error": self.last_error}
 
     def search(self, vectors: np.ndarray, k: int) -> dict:
-        uri, index, ids, image_ids, texts = self._current()
+        uri, index, ids, image_ids, texts, _ = self._current()
+        started = time.perf_counter()
         scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        self.search_ms.observe(1000 * (time.perf_counter() - started))
         results = [[{"id": ids[r], "image_id": image_ids[r], "score": float(s), "text": texts[r]}
                     for s, r in zip(score_row, row) if r >= 0] for score_row, row in zip(scores, rows)]
+        self.hits.inc(sum(len(hits) for hits in results))
         return {"results": results, "index": uri}
 
 
@@ -283,6 +310,10 @@ class SearchAPI:
             log.warning("serving WITHOUT authentication (auth: none): every route is public")
         self.encoder, self.retriever = encoder, retriever
         self.max_in_flight, self.in_flight = MAX_IN_FLIGHT, 0
+        self.requests = Counter("optical_ray_search_requests", "/search requests by outcome", tag_keys=("outcome",))
+        self.queries = Counter("optical_ray_queries", "queries answered")
+        self.latency_ms = Histogram("optical_ray_search_request_latency_ms", "one /search request, end to end",
+                                    boundaries=LATENCY_MS)
         app.state.api_key_env, app.state.auth = api_key_env, auth
 
     def reconfigure(self, config: dict) -> None:
@@ -293,15 +324,22 @@ class SearchAPI:
         # Shed load here, with a JSON answer, rather than queueing without bound: a client that waits
         # past its own timeout only makes the replicas work for nobody.
         if self.in_flight >= self.max_in_flight:
+            self.requests.inc(tags={"outcome": "shed"})
             return error(503, f"overloaded: {self.in_flight} requests in progress", {"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += 1
+        started = time.perf_counter()
         try:
             vectors = await asyncio.gather(*(self.encoder.remote(q) for q in request.queries))
-            return await self.retriever.search.remote(np.stack(vectors), request.k)
+            answer = await self.retriever.search.remote(np.stack(vectors), request.k)
         except BackPressureError as err:
+            self.requests.inc(tags={"outcome": "shed"})
             return error(503, f"overloaded: {err}", {"Retry-After": str(RETRY_AFTER_S)})
         finally:
             self.in_flight -= 1
+        self.requests.inc(tags={"outcome": "ok"})
+        self.queries.inc(len(request.queries))
+        self.latency_ms.observe(1000 * (time.perf_counter() - started))
+        return answer
 
     @app.get("/healthz")
     async def healthz(self) -> dict:

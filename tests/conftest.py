@@ -109,7 +109,7 @@ def ray_cluster(s3, tmp_path_factory):
 
     import ray
 
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tmp_path_factory.mktemp("ray")
     log_path = temp_dir / "ray-start.log"
@@ -118,7 +118,8 @@ def ray_cluster(s3, tmp_path_factory):
         head = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+             f"--metrics-export-port={metrics_port}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 180
@@ -133,7 +134,8 @@ def ray_cluster(s3, tmp_path_factory):
             time.sleep(1)
     address = f"127.0.0.1:{port}"
     ray.init(address=address, log_to_driver=False)
-    yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir}
+    yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir,
+           "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     ray.shutdown()
     os.killpg(head.pid, signal.SIGTERM)
     try:

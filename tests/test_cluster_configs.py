@@ -32,6 +32,9 @@ def test_kuberay_manifests_parse_and_pin_our_ray_version(name):
     spec = doc["spec"]
     cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig")}[doc["kind"]]
     assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"}  # Ray's own endpoints need the cluster token
+    head = cluster["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"  # the dashboard is not exposed outside the cluster
     for group in cluster["workerGroupSpecs"]:
         assert group["minReplicas"] <= group["maxReplicas"]
     if doc["kind"] == "RayJob":  # the entrypoint's arguments are ones our CLI accepts
@@ -41,11 +44,24 @@ def test_kuberay_manifests_parse_and_pin_our_ray_version(name):
         build_parser().parse_args([command, *argv[2:]])
 
 
-def test_rayservice_embeds_the_serve_config():
+def test_rayservice_embeds_the_serve_config_with_s3_uris():
     service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     serve_config = yaml.safe_load((CLUSTER.parent / "serve" / "config.yaml").read_text())
-    assert embedded["applications"] == serve_config["applications"]
+    app = embedded["applications"][0]
+    uris = [app["args"]["model"], app["args"]["index_uri"],
+            *(d["user_config"]["index_uri"] for d in app["deployments"] if d["name"] == "Retriever")]
+    assert all(uri.startswith("s3://") for uri in uris), uris  # a pod has no local runs/ folder
+    local = serve_config["applications"][0]
+    app["args"].update(model=local["args"]["model"], index_uri=local["args"]["index_uri"])
+    for deployment in app["deployments"]:
+        if deployment["name"] == "Retriever":
+            deployment["user_config"]["index_uri"] = local["args"]["index_uri"]
+    assert embedded["applications"] == serve_config["applications"]  # otherwise the same
+    assert app["args"]["auth"] == "api_key"
+    for group in [service["spec"]["rayClusterConfig"]["headGroupSpec"], *service["spec"]["rayClusterConfig"]["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert "secretKeyRef" in env["OPTICAL_RAY_API_KEY"]["valueFrom"]  # the key from a Secret, never inline
     deployments = {d["name"]: d for d in embedded["applications"][0]["deployments"]}
     assert deployments["QueryEncoder"]["autoscaling_config"]["max_replicas"] > deployments["QueryEncoder"]["autoscaling_config"]["min_replicas"]
     assert deployments["QueryEncoder"]["max_ongoing_requests"] >= deployments["QueryEncoder"]["user_config"]["max_batch_size"]

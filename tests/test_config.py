@@ -1,4 +1,5 @@
 import pytest
+from conftest import REPO
 
 from optical_ray.config import ConfigError, DistillConfig, load_config, save_config
 
@@ -49,3 +50,31 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     assert fixed.data.bitext == str(tmp_path / "shards") and fixed.output_dir == str(tmp_path / "out")
     assert fixed.student == str(tmp_path / "model") and fixed.teacher == "minilm-en"
     assert fixed.ray.storage_path == "s3://bucket/runs" and cfg.output_dir == "out"  # the original is unchanged
+
+
+def test_gpu_experiment_is_the_cpu_experiment_at_ten_times_the_pairs():
+    from optical_ray.config import ExperimentConfig
+
+    cpu = load_config(ExperimentConfig, str(REPO / "configs" / "experiment.yaml"))
+    gpu = load_config(ExperimentConfig, str(REPO / "configs" / "experiment-gpu.yaml"))
+    assert gpu.test_sets == cpu.test_sets and gpu.arms == cpu.arms and gpu.seeds == cpu.seeds
+    assert gpu.held_out_languages == cpu.held_out_languages == ["gn"]
+    assert gpu.distill.steps * gpu.distill.batch_size >= 10 * cpu.distill.steps * cpu.distill.batch_size
+    assert gpu.distill.ray.use_gpu and gpu.distill.bf16 and gpu.sweep.gpus_per_trial == 1
+    assert gpu.sweep.search.sinkhorn_reg == cpu.sweep.search.sinkhorn_reg  # merged from the base, key by key
+    assert gpu.results_dir != cpu.results_dir
+
+
+def test_a_config_base_is_merged_and_errors_still_name_the_key(tmp_path):
+    from optical_ray.config import DistillConfig
+
+    (tmp_path / "base.yaml").write_text("steps: 10\nloss: {temperature: 0.1, sinkhorn_reg: 0.2}\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\nloss: {temperature: 0.3}\n")
+    cfg = load_config(DistillConfig, str(tmp_path / "top.yaml"))
+    assert (cfg.steps, cfg.loss.temperature, cfg.loss.sinkhorn_reg) == (10, 0.3, 0.2)
+    (tmp_path / "typo.yaml").write_text("base: base.yaml\nlos: {temperature: 0.3}\n")
+    with pytest.raises(ConfigError, match="unknown key los"):
+        load_config(DistillConfig, str(tmp_path / "typo.yaml"))
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(DistillConfig, str(tmp_path / "loop.yaml"))

@@ -414,6 +414,26 @@ def test_load_with_autoscaling_and_index_hot_swap(service, indexes):
         time.sleep(1)
 
 
+def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster):
+    """Counters and histograms of serve/app.py, scraped over HTTP as Prometheus would."""
+    wanted = ("ray_optical_ray_queries", "ray_optical_ray_search_request_latency_ms_bucket",
+              "ray_optical_ray_encode_latency_ms_bucket", "ray_optical_ray_search_latency_ms_bucket",
+              "ray_optical_ray_hits", "ray_optical_ray_failed_index_swaps", "ray_optical_ray_index_info",
+              "ray_optical_ray_search_requests")
+    deadline = time.time() + 90
+    while True:
+        text = httpx.get(ray_cluster["metrics"], timeout=10).text
+        missing = [name for name in wanted if name not in text]
+        if not missing:
+            break
+        assert time.time() < deadline, f"not exported: {missing}"
+        time.sleep(3)
+    failed = [line for line in text.splitlines() if line.startswith("ray_optical_ray_failed_index_swaps")]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in failed) >= 3  # the rollback test's three refusals
+    shed = [line for line in text.splitlines() if line.startswith("ray_optical_ray_search_requests") and 'outcome="shed"' in line]
+    assert shed and float(shed[0].rsplit(" ", 1)[1]) >= 1  # the overload test's 503s
+
+
 def test_search_page_in_headless_chromium(service):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
