@@ -66,7 +66,8 @@ def main() -> None:
         encoder = QueryEncoder.options(user_config={"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
                                        max_ongoing_requests=32, num_replicas=1, ray_actor_options={"num_cpus": 1})
         app = SearchAPI.options(ray_actor_options={"num_cpus": 0.25}).bind(
-            encoder.bind("student-init"), Retriever.options(ray_actor_options={"num_cpus": 0.25}).bind(index_uri))
+            encoder.bind("student-init"), Retriever.options(ray_actor_options={"num_cpus": 0.25}).bind(index_uri, "student-init"),
+            auth="none")  # loopback only
         serve.run(app, name="bench", route_prefix="/")
         asyncio.run(load("http://127.0.0.1:8123/search", 4, 3))  # warm-up
         for clients in (1, 4, 16):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +22,7 @@ from . import data, storage
 from .config import DistillConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
-from .models import Encoder, EncoderOutput
+from .models import Encoder, EncoderOutput, publish
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +205,9 @@ def fit(cfg: DistillConfig, progress: bool = True, on_metrics: Callable[[dict], 
 
 def distill(cfg: DistillConfig, progress: bool = True,
             on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
-    """:func:`fit`, then save the student to ``output_dir/student``, the dev report to
-    ``output_dir/dev``, the config and ``metrics.jsonl``. The student folder appears only once
-    completely written."""
+    """:func:`fit`, then publish the student as a new version under ``output_dir/student`` (its
+    ``LATEST`` names it; any model argument accepts the root), the dev report to ``output_dir/dev``,
+    the config and ``metrics.jsonl``."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
@@ -220,15 +220,7 @@ def distill(cfg: DistillConfig, progress: bool = True,
 
         student, report, history = fit(cfg, progress, log_metrics)
     write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
-    return DistillResult(model_dir=save_student(student, out / "student"), dev_report=report, history=history)
-
-
-def save_student(student: Encoder, target: Path) -> Path:
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    student.save(staging)
-    if target.exists():
-        shutil.rmtree(target)
-    staging.rename(target)
-    return target
+    with tempfile.TemporaryDirectory() as staging:
+        model_dir = Path(publish(student.save(Path(staging) / "student"), str(out / "student")))
+    return DistillResult(model_dir=model_dir, dev_report=report, history=history)
 

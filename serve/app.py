@@ -42,9 +42,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
-from ray.serve.metrics import Counter, Gauge, Histogram
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray.index import load_index
@@ -152,8 +153,8 @@ class Retriever:
         self.search_ms = Histogram("optical_ray_search_latency_ms", "one FAISS search call", boundaries=LATENCY_MS)
         self.hits = Counter("optical_ray_hits", "hits returned")
         self.swap_failures = Counter("optical_ray_failed_index_swaps", "index swaps refused (the old index kept serving)")
-        self.index_info = Gauge("optical_ray_index_info", "1 for the index version a replica serves",
-                                tag_keys=("index", "version"))
+        self.index_loads = Counter("optical_ray_index_loads", "index versions loaded (the latest is served)",
+                                   tag_keys=("index", "version"))
 
     def _load(self, uri: str) -> tuple:
         stored = load_index(uri)
@@ -181,10 +182,8 @@ class Retriever:
                 raise
             log.error("index swap refused, still serving %s: %s", self.state[0], self.last_error)
             return
-        if self.state is not None:
-            self.index_info.set(0, tags={"index": self.state[0], "version": str(self.state[5])})
         self.state = state
-        self.index_info.set(1, tags={"index": uri, "version": str(state[5])})
+        self.index_loads.inc(tags={"index": uri, "version": str(state[5])})
         log.info("index swapped to %s (version %s)", uri, state[5])
 
     def reconfigure(self, config: dict) -> None:
@@ -290,6 +289,17 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
     return error(500, f"internal error ({type(exc).__name__})")
 
 
+async def retry_once(call):
+    """Await a downstream call, once more if the replica that took it died: encoding and searching are
+    idempotent, and Serve routes the second try to a live replica (a killed or preempted replica
+    then costs its callers latency, not errors)."""
+    try:
+        return await call()
+    except RayActorError as err:
+        log.warning("downstream replica lost (%s): retrying once", type(err).__name__)
+        return await call()
+
+
 def check_auth(auth: str, api_key_env: str) -> None:
     """Refuse to start open by accident: a key in ``api_key_env``, or ``auth: none`` said explicitly."""
     if auth not in ("api_key", "none"):
@@ -329,11 +339,16 @@ class SearchAPI:
         self.in_flight += 1
         started = time.perf_counter()
         try:
-            vectors = await asyncio.gather(*(self.encoder.remote(q) for q in request.queries))
-            answer = await self.retriever.search.remote(np.stack(vectors), request.k)
+            vectors = await asyncio.gather(*(retry_once(lambda q=q: self.encoder.remote(q)) for q in request.queries))
+            answer = await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
         except BackPressureError as err:
             self.requests.inc(tags={"outcome": "shed"})
             return error(503, f"overloaded: {err}", {"Retry-After": str(RETRY_AFTER_S)})
+        except asyncio.CancelledError:
+            # The client went away: Serve cancels this call, and with it the encoder and retriever
+            # calls it awaits, so no replica keeps working for nobody.
+            self.requests.inc(tags={"outcome": "cancelled"})
+            raise
         finally:
             self.in_flight -= 1
         self.requests.inc(tags={"outcome": "ok"})

@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,12 +26,24 @@ def test_distill_trains_saves_and_reports(tmp_path, tiny_model_dir, tiny_teacher
     assert {"loss", "loss_ot", "loss_contrastive", "loss_mse", "lr", "pairs_per_s"} <= set(lines[0])
     report = json.loads((tmp_path / "run" / "dev" / "report.json").read_text())
     assert set(report["languages"]) == {"de", "qu"} and report["languages"]["de"]["n_queries"] == 300
-    assert result.model_dir == tmp_path / "run" / "student"
-    saved = Encoder.load(result.model_dir)
+    root = tmp_path / "run" / "student"
+    assert result.model_dir.parent == root and (root / "LATEST").read_text().strip() == result.model_dir.name
+    saved = Encoder.load(root)  # the root means its latest version
     start = Encoder.load(tiny_model_dir)
     changed = [n for (n, p), (_, q) in zip(saved.named_parameters(), start.named_parameters()) if not torch.equal(p, q)]
     assert changed and "model.embeddings.word_embeddings.weight" not in changed  # frozen by default
-    assert not (tmp_path / "run" / "student.partial").exists()
+
+
+def test_a_retrained_student_is_a_new_version_never_an_overwrite(tmp_path, tiny_model_dir, tiny_teacher_dir):
+    from optical_ray.models import publish, resolve_model
+
+    first = publish(tiny_model_dir, str(tmp_path / "students"))
+    second = publish(tiny_teacher_dir, str(tmp_path / "students"))
+    assert first != second and resolve_model(tmp_path / "students") == Path(second)
+    assert Encoder.load(first).model.config == Encoder.load(tiny_model_dir).model.config  # still there, unchanged
+    (tmp_path / "students" / "LATEST").write_text("../elsewhere\n")
+    with pytest.raises(FileNotFoundError, match="does not name a version"):
+        resolve_model(tmp_path / "students")
 
 
 def test_targets_are_the_corpus_side_english(tmp_path, tiny_model_dir, tiny_teacher_dir):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 from conftest import TEST_API_KEY as API_KEY
@@ -282,6 +283,34 @@ def test_overload_is_shed_with_503_and_retry_after(service):
         deploy(service["config"], service["dashboard"], service["tmp"])
 
 
+@pytest.mark.timeout(300)
+def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster):
+    url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
+    heavy = {"queries": [f"Eine Frau Nummer {i} liest ein sehr langes Buch in einem kleinen Café am Fluss" * 4
+                         for i in range(64)]}
+
+    async def abandon():
+        async with httpx.AsyncClient(timeout=0.5, headers=key) as client:
+            return await asyncio.gather(*(client.post(f"{url}/search", json=heavy) for _ in range(8)),
+                                        return_exceptions=True)
+
+    outcomes = asyncio.run(abandon())
+    assert all(isinstance(o, httpx.TimeoutException) for o in outcomes), outcomes
+    deadline = time.time() + 60
+    while (in_flight := httpx.get(f"{url}/status", headers=key).json()["in_flight"]) != 0:
+        assert time.time() < deadline, f"{in_flight} abandoned requests still in progress"
+        time.sleep(0.5)
+    deadline = time.time() + 90
+    while True:
+        text = httpx.get(ray_cluster["metrics"], timeout=10).text
+        cancelled = [line for line in text.splitlines()
+                     if line.startswith("ray_optical_ray_search_requests") and 'outcome="cancelled"' in line]
+        if cancelled and sum(float(line.rsplit(" ", 1)[1]) for line in cancelled) >= 1:
+            break
+        assert time.time() < deadline, "no request was recorded as cancelled"
+        time.sleep(3)
+
+
 def store_bad_indexes(indexes: dict, bucket: str) -> dict:
     """Three indexes a swap must refuse: missing, tampered (checksum), wrong dimension."""
     import faiss
@@ -358,12 +387,89 @@ def test_bad_index_swaps_roll_back_under_load(service, indexes, s3):
     deploy(service["config"], service["dashboard"], service["tmp"])
 
 
-def run_load(url: str, total: int, clients: int, queries: list[str]) -> list:
+def replica_actors(app: str, deployment: str) -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::") and f"{app}#{deployment}#" in a["name"]]
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    return serve.status().applications[app].deployments[deployment].replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.timeout(900)
+def test_chaos_killed_replicas_cost_no_requests_and_come_back_on_the_current_index(service, indexes, s3):
+    """Two replicas each of the encoder and the retriever; one of each is killed mid-load (Ray's actor
+    kill). The retriever's root meanwhile gets a new version and loses the old one's files: the
+    replacement replica still comes up, on the current version."""
+    import ray
+
+    from optical_ray import storage
+    from optical_ray.index import CURRENT_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE, resolve_version
+
+    root = f"s3://{s3['bucket']}/index/chaos"
+
+    def publish(source: str, version: str) -> None:
+        for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
+            storage.write_bytes(storage.read_bytes(storage.join(resolve_version(source), name)),
+                                storage.join(root, version, name))
+        storage.write_bytes(f"{version}\n".encode(), storage.join(root, CURRENT_FILE))
+
+    publish(indexes["flat"], "v1")
+    config, deployments = app_config(service, "secure")
+    for name in ("QueryEncoder", "Retriever"):
+        deployments[name]["num_replicas"] = 2
+    deployments["Retriever"]["user_config"] = {"index_uri": root}
+    deploy(config, service["dashboard"], service["tmp"])
+    deadline = time.time() + 300
+    while running_replicas("secure", "QueryEncoder") < 2 or running_replicas("secure", "Retriever") < 2:
+        assert time.time() < deadline, serve.status().applications["secure"]
+        time.sleep(1)
+    url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
+    assert httpx.get(f"{url}/status", headers=key).json()["retriever"]["version"] is not None
+
+    publish(indexes["hnsw"], "v2")  # a rebuild: CURRENT moves on, and the old version's files are deleted
+    for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
+        storage.delete(storage.join(root, "v1", name))
+    killed = {}
+
+    def chaos():
+        time.sleep(3)
+        for deployment in ("QueryEncoder", "Retriever"):
+            name = replica_actors("secure", deployment)[0]
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+            killed[deployment] = time.time()
+            time.sleep(3)
+
+    thread = threading.Thread(target=chaos)
+    thread.start()
+    results = run_load(url, total=1200, clients=16, queries=["Ein Hund rennt.", "Warmi t'ant'a manq'i."], headers=key)
+    thread.join()
+    failed = [r for r in results if r[0] != 200]
+    assert len(results) == 1200 and len(failed) <= 12, failed[:5]  # error budget: 1%
+    recovered = {}
+    deadline = time.time() + 300
+    while len(recovered) < 2:
+        for deployment, when in killed.items():
+            if deployment not in recovered and running_replicas("secure", deployment) == 2:
+                recovered[deployment] = time.time() - when
+        assert time.time() < deadline, serve.status().applications["secure"]
+        time.sleep(0.5)
+    print(f"chaos: {len(failed)} of {len(results)} requests failed; recovery (s): {recovered}")
+    # The replacement retriever loaded the current version (v2) although v1's files are gone.
+    assert any(index == root for _, index in results)
+    versions = {httpx.get(f"{url}/status", headers=key).json()["retriever"]["version"] for _ in range(30)}
+    assert load_index(indexes["hnsw"]).manifest["version"] in versions, versions
+    deploy(service["config"], service["dashboard"], service["tmp"])
+
+
+def run_load(url: str, total: int, clients: int, queries: list[str], headers: dict | None = None) -> list:
     """``total`` requests from ``clients`` concurrent clients; returns (status, index) per request."""
     async def main():
         results = []
         counter = iter(range(total))
-        async with httpx.AsyncClient(timeout=60) as client:
+        async with httpx.AsyncClient(timeout=60, headers=headers) as client:
             async def worker():
                 for i in counter:
                     try:
@@ -418,7 +524,7 @@ def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster):
     """Counters and histograms of serve/app.py, scraped over HTTP as Prometheus would."""
     wanted = ("ray_optical_ray_queries", "ray_optical_ray_search_request_latency_ms_bucket",
               "ray_optical_ray_encode_latency_ms_bucket", "ray_optical_ray_search_latency_ms_bucket",
-              "ray_optical_ray_hits", "ray_optical_ray_failed_index_swaps", "ray_optical_ray_index_info",
+              "ray_optical_ray_hits", "ray_optical_ray_failed_index_swaps", "ray_optical_ray_index_loads",
               "ray_optical_ray_search_requests")
     deadline = time.time() + 90
     while True:
@@ -434,7 +540,25 @@ def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster):
     assert shed and float(shed[0].rsplit(" ", 1)[1]) >= 1  # the overload test's 503s
 
 
-def test_search_page_in_headless_chromium(service):
+XSS = '<img src=x onerror="document.title=\'pwned\'">'
+
+
+def store_xss_index(indexes: dict, bucket: str) -> tuple[str, str]:
+    """The flat index with one caption replaced by a script payload; returns (uri, that caption's
+    original text, which as a query finds it first)."""
+    from optical_ray.index import load_index, save_index
+
+    stored = load_index(indexes["flat"])
+    texts = stored.metadata["text"].to_pylist()
+    original, texts[0] = texts[0], XSS + " " + texts[0]
+    uri = f"s3://{bucket}/index/xss"
+    save_index(stored.index, stored.metadata.set_column(2, "text", pa.array(texts)),
+               {k: v for k, v in stored.manifest.items() if k in ("model", "factory", "prompts")}, uri)
+    return uri, original
+
+
+@pytest.mark.timeout(600)
+def test_search_page_in_headless_chromium(service, indexes, s3):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("Debian's chromium and chromium-driver are not installed (make test installs them)")
@@ -448,12 +572,32 @@ def test_search_page_in_headless_chromium(service):
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"):
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
-    try:
+
+    def search(text: str) -> list[str]:
         browser.get(f"{service['url']}/")
-        browser.find_element(By.ID, "query").send_keys("Zwei Hunde spielen im Schnee")
+        browser.find_element(By.ID, "query").send_keys(text)
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results li")) == 10)
-        texts = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
+        WebDriverWait(browser, 60).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results li")) == 10
+                                         or "error" in b.find_element(By.ID, "status").get_attribute("class"))
+        return [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#results li")]
+
+    try:
+        texts = search("Zwei Hunde spielen im Schnee")
         assert any("dog" in t.lower() for t in texts[:3]), texts
+        # Script in a query and in an indexed caption is shown as text, never run.
+        uri, original = store_xss_index(indexes, s3["bucket"])
+        config, deployments = app_config(service, "search")
+        deployments["Retriever"]["user_config"] = {"index_uri": uri}
+        deploy(config, service["dashboard"], service["tmp"])
+        deadline = time.time() + 120
+        while httpx.post(f"{service['url']}/search", json={"queries": ["x"]}).json()["index"] != uri:
+            assert time.time() < deadline
+            time.sleep(1)
+        texts = search(original)
+        assert texts[0].startswith(XSS), texts[:2]
+        assert browser.find_elements(By.CSS_SELECTOR, "#results img") == [] and browser.title != "pwned"
+        search(XSS)
+        assert browser.find_elements(By.CSS_SELECTOR, "img") == [] and browser.title != "pwned"
     finally:
         browser.quit()
+        deploy(service["config"], service["dashboard"], service["tmp"])
