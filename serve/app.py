@@ -87,6 +87,11 @@ ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text
     400: "malformed request", 401: "missing or wrong API key", 411: "a body without Content-Length",
     413: f"body over {MAX_BODY_BYTES} bytes", 422: "a field is invalid (named in `error`)",
     500: "internal error", 503: "overloaded or no usable index: retry after `Retry-After` seconds"}.items()}
+# Answered by Serve's proxy, before the app, in plain text: past http_options.request_timeout_s (or a
+# client's shorter x-request-timeout-seconds), and when SearchAPI's own max_queued_requests is full.
+PLAIN = {"text/plain": {"schema": {"type": "string"}}}
+ERRORS[408] = {"description": "request timed out (Serve's proxy, plain text)", "content": PLAIN}
+ERRORS[503]["content"] = {"application/json": {"schema": ErrorResponse.model_json_schema()}, **PLAIN}
 
 
 class Hit(BaseModel):

@@ -109,7 +109,9 @@ def ray_cluster(s3, tmp_path_factory):
 
     import ray
 
-    port, dashboard_port, metrics_port = free_port(), free_port(), free_port()
+    # Every port chosen here, none of Ray's defaults: another Ray on the machine (a long experiment
+    # in the background, say) already holds them, and its job agent would then be unreachable.
+    port, dashboard_port, metrics_port, agent_port = free_port(), free_port(), free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = tmp_path_factory.mktemp("ray")
     log_path = temp_dir / "ray-start.log"
@@ -119,7 +121,7 @@ def ray_cluster(s3, tmp_path_factory):
             [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
              f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-             f"--metrics-export-port={metrics_port}"],
+             f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={agent_port}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     deadline = time.time() + 180
