@@ -59,6 +59,7 @@ MAX_K = 100
 # A full request (64 queries of 1,000 characters, 4 bytes each in UTF-8 at worst) and JSON overhead.
 MAX_BODY_BYTES = 512 * 1024
 MAX_IN_FLIGHT = 64
+TIMEOUT_S = 25.0  # below serve/config.yaml's request_timeout_s (30), so the app answers first, in JSON
 RETRY_AFTER_S = 1
 API_KEY_ENV = "OPTICAL_RAY_API_KEY"
 OPEN_PATHS = ("/healthz",)
@@ -86,7 +87,8 @@ class ErrorResponse(BaseModel):
 ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
     400: "malformed request", 401: "missing or wrong API key", 411: "a body without Content-Length",
     413: f"body over {MAX_BODY_BYTES} bytes", 422: "a field is invalid (named in `error`)",
-    500: "internal error", 503: "overloaded or no usable index: retry after `Retry-After` seconds"}.items()}
+    500: "internal error", 503: "overloaded or no usable index: retry after `Retry-After` seconds",
+    504: "not answered within the app's timeout_s (the work is cancelled)"}.items()}
 # Answered by Serve's proxy, before the app, in plain text: past http_options.request_timeout_s (or a
 # client's shorter x-request-timeout-seconds), and when SearchAPI's own max_queued_requests is full.
 PLAIN = {"text/plain": {"schema": {"type": "string"}}}
@@ -324,7 +326,7 @@ class SearchAPI:
         if auth == "none":
             log.warning("serving WITHOUT authentication (auth: none): every route is public")
         self.encoder, self.retriever = encoder, retriever
-        self.max_in_flight, self.in_flight = MAX_IN_FLIGHT, 0
+        self.max_in_flight, self.in_flight, self.timeout_s = MAX_IN_FLIGHT, 0, TIMEOUT_S
         self.requests = Counter("optical_ray_search_requests", "/search requests by outcome", tag_keys=("outcome",))
         self.queries = Counter("optical_ray_queries", "queries answered")
         self.latency_ms = Histogram("optical_ray_search_request_latency_ms", "one /search request, end to end",
@@ -333,6 +335,7 @@ class SearchAPI:
 
     def reconfigure(self, config: dict) -> None:
         self.max_in_flight = int(config.get("max_in_flight", MAX_IN_FLIGHT))
+        self.timeout_s = float(config.get("timeout_s", TIMEOUT_S))
 
     @app.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, request: SearchRequest):
@@ -343,9 +346,15 @@ class SearchAPI:
             return error(503, f"overloaded: {self.in_flight} requests in progress", {"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += 1
         started = time.perf_counter()
-        try:
+        async def answer_request() -> dict:
             vectors = await asyncio.gather(*(retry_once(lambda q=q: self.encoder.remote(q)) for q in request.queries))
-            answer = await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
+            return await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
+
+        try:
+            answer = await asyncio.wait_for(answer_request(), self.timeout_s)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+            self.requests.inc(tags={"outcome": "timeout"})
+            return error(504, f"not answered within {self.timeout_s:g} s; the work was cancelled")
         except BackPressureError as err:
             self.requests.inc(tags={"outcome": "shed"})
             return error(503, f"overloaded: {err}", {"Retry-After": str(RETRY_AFTER_S)})

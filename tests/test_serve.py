@@ -174,10 +174,24 @@ def test_a_request_past_its_timeout_gets_408_as_documented(service):
     assert "408" in documented and "text/plain" in documented["408"]["content"]
 
 
+@pytest.mark.timeout(300)
+def test_a_request_past_the_apps_timeout_gets_a_json_504(service):
+    config, deployments = app_config(service, "secure")
+    deployments["SearchAPI"]["user_config"] = {"timeout_s": 0.05}
+    deploy(config, service["dashboard"], service["tmp"])
+    time.sleep(3)
+    heavy = {"queries": [f"Zwei Kinder Nummer {i} spielen im Sand am Strand neben dem Meer" * 8 for i in range(64)]}
+    try:
+        response = httpx.post(f"{service['url']}/secure/search", json=heavy, headers={"X-API-Key": API_KEY}, timeout=60)
+        assert response.status_code == 504 and "not answered within 0.05 s" in response.json()["error"]
+    finally:
+        deploy(service["config"], service["dashboard"], service["tmp"])
+
+
 def test_openapi_states_what_the_server_enforces(service):
     schema = httpx.get(f"{service['url']}/openapi.json").json()
     search = schema["paths"]["/search"]["post"]
-    assert {"401", "408", "413", "422", "503"} <= set(search["responses"])
+    assert {"401", "408", "413", "422", "503", "504"} <= set(search["responses"])
     request = schema["components"]["schemas"]["SearchRequest"]
     queries = request["properties"]["queries"]
     assert (queries["minItems"], queries["maxItems"]) == (1, 64)
