@@ -274,6 +274,7 @@ class Encoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        name_tokenizer_class(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
             {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -292,6 +293,23 @@ class Encoder(nn.Module):
         _write_json(path / "1_Pooling" / "config.json", pooling)
         (path / "2_Normalize").mkdir(exist_ok=True)
         return path
+
+
+# transformers 5 writes "TokenizersBackend", a class transformers 4 (and servers pinned to it, such as
+# infinity-emb) does not have; these names load under both generations.
+TOKENIZER_CLASSES = {"Unigram": "XLMRobertaTokenizerFast", "WordPiece": "BertTokenizerFast"}
+
+
+def name_tokenizer_class(folder: Path) -> None:
+    """Name a concrete tokenizer class in a saved folder's tokenizer_config.json, by the tokenizer's model."""
+    config_path, tokenizer_path = folder / "tokenizer_config.json", folder / "tokenizer.json"
+    if not (config_path.is_file() and tokenizer_path.is_file()):
+        return
+    config = json.loads(config_path.read_text())
+    kind = json.loads(tokenizer_path.read_text())["model"]["type"]
+    if config.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast") and kind in TOKENIZER_CLASSES:
+        config["tokenizer_class"] = TOKENIZER_CLASSES[kind]
+        _write_json(config_path, config)
 
 
 def _write_json(path: Path, value) -> None:

@@ -68,3 +68,23 @@ def test_shipped_teacher_loads():
     emb = teacher.encode(["A dog runs.", "A puppy is running.", "The stock market fell."])
     assert emb.shape == (3, 384)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.3
+
+
+def test_saved_tokenizer_names_a_class_transformers_4_knows(tmp_path, tiny_model_dir):
+    """transformers 5 writes tokenizer_class "TokenizersBackend", which transformers 4 (and servers pinned
+    to it) cannot load; a saved student names the concrete fast class, and still loads here unchanged."""
+    import json
+
+    from optical_ray.models import name_tokenizer_class
+
+    encoder = Encoder.load(tiny_model_dir)
+    saved = encoder.save(tmp_path / "student")
+    config_path = saved / "tokenizer_config.json"
+    assert json.loads(config_path.read_text())["tokenizer_class"] in ("XLMRobertaTokenizerFast", "XLMRobertaTokenizer")
+    # What transformers 5 writes for a tokenizer built from tokenizer.json alone (student-init's case):
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "tokenizer_class": "TokenizersBackend"}))
+    name_tokenizer_class(saved)
+    assert json.loads(config_path.read_text())["tokenizer_class"] == "XLMRobertaTokenizerFast"
+    texts = ["Ein Hund rennt über eine Wiese.", "Allqu pampapi phawan."]
+    again = Encoder.load(saved)
+    assert again.tokenize(texts, "query")["input_ids"].tolist() == encoder.tokenize(texts, "query")["input_ids"].tolist()
