@@ -166,21 +166,30 @@ def test_every_error_is_json_and_bounded(service):
 def test_a_request_past_its_timeout_gets_408_as_documented(service):
     """Serve's proxy ends a request after http_options.request_timeout_s, or a client's shorter
     x-request-timeout-seconds (used here to make it fast), with the 408 the schema documents."""
-    heavy = {"queries": [f"Ein Mann Nummer {i} fährt mit dem Fahrrad durch die Stadt" * 8 for i in range(64)]}
-    response = httpx.post(f"{service['url']}/search", json=heavy, headers={"x-request-timeout-seconds": "0.05"},
+    response = httpx.post(f"{service['url']}/search", json=heavy_request(64, 8), headers={"x-request-timeout-seconds": "0.05"},
                           timeout=60)
     assert response.status_code == 408 and "timed out" in response.text
     documented = httpx.get(f"{service['url']}/openapi.json").json()["paths"]["/search"]["post"]["responses"]
     assert "408" in documented and "text/plain" in documented["408"]["content"]
 
 
-@pytest.mark.timeout(300)
-def test_a_request_past_the_apps_timeout_gets_a_json_504(service):
+def heavy_request(n: int, repeat: int) -> dict:
+    """``n`` distinct long queries: seconds of encoding on this machine."""
+    return {"queries": [f"Zwei Kinder Nummer {i} spielen im Sand am Strand neben dem Meer" * repeat for i in range(n)]}
+
+
+def configure_secure_search_api(service: dict, user_config: dict) -> None:
+    """Redeploy with the secure app's SearchAPI user_config replaced (a reconfigure, no restart)."""
     config, deployments = app_config(service, "secure")
-    deployments["SearchAPI"]["user_config"] = {"timeout_s": 0.05}
+    deployments["SearchAPI"]["user_config"] = user_config
     deploy(config, service["dashboard"], service["tmp"])
     time.sleep(3)
-    heavy = {"queries": [f"Zwei Kinder Nummer {i} spielen im Sand am Strand neben dem Meer" * 8 for i in range(64)]}
+
+
+@pytest.mark.timeout(300)
+def test_a_request_past_the_apps_timeout_gets_a_json_504(service):
+    configure_secure_search_api(service, {"timeout_s": 0.05})
+    heavy = heavy_request(64, 8)
     try:
         response = httpx.post(f"{service['url']}/secure/search", json=heavy, headers={"X-API-Key": API_KEY}, timeout=60)
         assert response.status_code == 504 and "not answered within 0.05 s" in response.json()["error"]
@@ -286,11 +295,8 @@ def test_open_app_warns_and_an_app_without_its_key_refuses_to_start(service, ray
 
 @pytest.mark.timeout(600)
 def test_overload_is_shed_with_503_and_retry_after(service):
-    config, deployments = app_config(service, "secure")
-    deployments["SearchAPI"]["user_config"] = {"max_in_flight": 2}
-    deploy(config, service["dashboard"], service["tmp"])
-    time.sleep(3)
-    heavy = {"queries": [f"Ein Hund Nummer {i} rennt über eine sehr große grüne Wiese im Park" * 3 for i in range(32)]}
+    configure_secure_search_api(service, {"max_in_flight": 2})
+    heavy = heavy_request(32, 3)
 
     async def burst():
         async with httpx.AsyncClient(timeout=120, headers={"X-API-Key": API_KEY}) as client:
@@ -311,8 +317,7 @@ def test_overload_is_shed_with_503_and_retry_after(service):
 @pytest.mark.timeout(300)
 def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster):
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
-    heavy = {"queries": [f"Eine Frau Nummer {i} liest ein sehr langes Buch in einem kleinen Café am Fluss" * 4
-                         for i in range(64)]}
+    heavy = heavy_request(64, 4)
 
     async def abandon():
         async with httpx.AsyncClient(timeout=0.5, headers=key) as client:
