@@ -1,9 +1,10 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU wheel; GPU users: make TORCH_SPEC="torch==2.13.0" EXTRAS="dev,gpu" demo
+# The CPU wheels; GPU users: make TORCH_SPEC="torch==2.13.0" EXTRAS="gpu,dev" demo (faiss-gpu
+# instead of faiss-cpu: the two extras exclude each other)
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= cpu,dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -35,7 +36,7 @@ browser:
 	else echo "chromium not installed: the search-page test will skip"; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check optical_ray jobs serve tests bench
+	$(BIN)/ruff check optical_ray jobs tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,7 +22,8 @@ import ot as pot
 import torch
 
 from optical_ray.config import DistillConfig, load_config
-from optical_ray.distill import Distiller, batches, load_bitext, load_models
+from optical_ray.data import batches
+from optical_ray.distill import Distiller, load_bitext, load_models
 from optical_ray.ot import cosine_cost, solve_plans, transport_cost, uniform_marginals
 
 

@@ -56,7 +56,7 @@ def main() -> None:
     os.environ["PYTHONPATH"] = sys.path[0]
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     from optical_ray.indexing import build_corpus_index
-    from serve.app import QueryEncoder, Retriever, SearchAPI
+    from optical_ray.service.app import QueryEncoder, Retriever, SearchAPI
 
     index_uri = os.path.join(tempfile.mkdtemp(), "index")
     build_corpus_index("student-init", [str(SAMPLE_DIR / "test_2018_captions.parquet")], index_uri, "Flat")

@@ -24,7 +24,7 @@ import ray
 from optical_ray import storage
 from optical_ray.config import DistillConfig, load_config
 from optical_ray.data import bitext_pairs, read_captions, write_bitext_shards
-from optical_ray.distill import fit
+from optical_ray.distill import distill
 
 SHARED = "../shared/data/flickr30k-ml"
 
@@ -53,12 +53,12 @@ def ray_pairs_per_s(cfg: DistillConfig) -> float:
     from ray.train.torch import TorchTrainer
 
     from optical_ray.config import to_dict, with_absolute_paths
-    from optical_ray.train import run_config, scaling_config, training_dataset
+    from optical_ray.train import run_config, scaling_config
 
     cfg = with_absolute_paths(cfg)
 
     result = TorchTrainer(loop, train_loop_config={"distill": to_dict(cfg)}, scaling_config=scaling_config(cfg),
-                          run_config=run_config(cfg), datasets={"train": training_dataset(cfg)}).fit()
+                          run_config=run_config(cfg)).fit()
     return result.metrics["pairs_per_s"]
 
 
@@ -75,7 +75,7 @@ def main() -> None:
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
 
     # [1] Ray Train, 1 worker using 2 threads, vs the plain loop with 2 threads.
-    plain = fit(load_config(DistillConfig, base), progress=False)[2][-1]["pairs_per_s"]
+    plain = distill(load_config(DistillConfig, base), progress=False).history[-1]["pairs_per_s"]
     one = ray_pairs_per_s(load_config(DistillConfig, {**base, "ray": {
         "num_workers": 1, "cpus_per_worker": 1, "torch_threads": 2, "storage_path": f"{work}/ray", "name": "one"}}))
     print(f"[1] pairs/s over {args.steps} steps of {args.batch}: plain loop {plain:.2f}, Ray Train 1 worker {one:.2f} "

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from optical_ray.config import DistillConfig, load_config
-from optical_ray.distill import Distiller, batches, load_bitext, load_models
+from optical_ray.data import batches
+from optical_ray.distill import Distiller, load_bitext, load_models
 from optical_ray.losses import LossWeights
 from optical_ray.models import E5_PROMPTS, Encoder
 from optical_ray.ot import transport_cost

@@ -125,6 +125,9 @@ def _config_options(p: argparse.ArgumentParser, schema: str, example: str, ray: 
                    help=f"override a config key, e.g. --set {example} (repeatable)")
     if ray:
         p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    # Also after the command, so `python jobs/distill.py --verbose ...` works.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log debug messages and show where an error was raised")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="optical-ray",
         description="Distil multilingual text encoders with optimal transport and contrastive learning, on Ray.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show where an error was raised")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("eval", help="cross-lingual caption retrieval report (R@1/5/10, MRR, gap)",
@@ -229,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, FileNotFoundError) as err:
+        if args.verbose:
+            logging.getLogger("optical_ray").exception("where it failed:")
         print(f"optical-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -73,11 +73,15 @@ class RayConfig:
     cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks, or ingest stalls
     torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (at least 1)
     gpus_per_worker: float = 1.0
+    # Custom resources each worker also needs, e.g. {trainer: 1} to keep training on the nodes started
+    # with --resources '{"trainer": N}'.
+    custom_resources: dict[str, float] = field(default_factory=dict)
     storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix for checkpoints and results
     name: str = "distill"  # a run with the same name and storage resumes from its latest checkpoint
-    max_failures: int = 1  # worker-group restarts from the latest checkpoint before giving up
-    num_to_keep: int = 2  # checkpoints kept, best first by dev mean R@1
-    shuffle_buffer: int = 2048  # rows in each worker's local shuffle buffer
+    # Worker-group restarts from the latest checkpoint before giving up; -1: no limit. A lost node or a
+    # spot preemption costs one restart and at most checkpoint_every steps.
+    max_failures: int = 3
+    num_to_keep: int = 2  # the latest checkpoints kept
 
 
 @dataclass
@@ -91,6 +95,9 @@ class DistillConfig:
     freeze_word_embeddings: bool = True
     seed: int = 0
     eval_every: int = 0  # steps between dev evaluations; 0: only at the end
+    # Steps between checkpoints (also taken at every dev evaluation); a restarted run resumes from the
+    # latest, consuming the same pairs in the same order as an uninterrupted one. 0: evaluations only.
+    checkpoint_every: int = 100
     eval_batch_size: int = 64
     log_every: int = 10
     bf16: bool = True  # bf16 autocast when training on CUDA; ignored on CPU
@@ -98,6 +105,19 @@ class DistillConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+
+# Where a run writes and how often it saves: not part of what it trains.
+NOT_TRAINING = ("output_dir", "ray", "checkpoint_every")
+
+
+def training_fields(cfg: DistillConfig) -> dict:
+    """What decides a trained student: two configs with equal fields train the same weights. Resuming
+    is refused when they differ, and experiment records are keyed by them."""
+    fields = to_dict(cfg)
+    for key in NOT_TRAINING:
+        fields.pop(key)
+    return fields
 
 
 def with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
@@ -137,7 +157,34 @@ def load_config(cls: type, source: str | Path | dict | None = None, overrides: d
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return _build(cls, raw, name, "")
+    return _build(cls, _with_data_root(raw, name), name, "")
+
+
+DATA_ROOT = "${data_root}"
+SAMPLE_DATA = "${sample_data}"  # the small tables installed with the package, wherever it is installed
+
+
+def _with_data_root(raw: dict, name: str) -> dict:
+    """Every ``${data_root}`` in the config's strings replaced by its top-level ``data_root`` (the shared
+    folder on one machine, an s3:// prefix on a cluster: ``--set data_root=s3://bucket/flickr30k-ml``).
+    The key itself is consumed here, so configs that differ only in where the same data lives are equal."""
+    root = raw.pop("data_root", None)
+
+    def substitute(value, key: str):
+        if isinstance(value, dict):
+            return {k: substitute(v, f"{key}{k}.") for k, v in value.items()}
+        if isinstance(value, list):
+            return [substitute(v, key) for v in value]
+        if isinstance(value, str) and DATA_ROOT in value:
+            if root is None:
+                raise ConfigError(f"{name}: {key.rstrip('.')} uses {DATA_ROOT} but no data_root is set "
+                                  "(add data_root: to the file or --set data_root=...)")
+            value = value.replace(DATA_ROOT, str(root).rstrip("/"))
+        if isinstance(value, str):
+            value = value.replace(SAMPLE_DATA, str(SAMPLE_DIR))
+        return value
+
+    return substitute(raw, "")
 
 
 def _read_yaml(path: Path, seen: tuple) -> dict:

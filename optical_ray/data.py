@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,6 +181,33 @@ def check_bitext_shards(uri: str) -> list[str]:
         if missing:
             raise DataError(f"{path}: not a bitext shard, missing column(s) {', '.join(missing)}")
     return files
+
+
+def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
+            ) -> Iterator[tuple[list[str], list[str]]]:
+    """Endless (english, translation) training batches, a pure function of ``(seed, step)``.
+
+    Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step takes the next
+    ``batch_size`` pairs of it (the epoch's remainder is dropped). Starting at ``start_step`` yields
+    exactly what a run from step 0 would have reached -- resuming replays no pair and skips none -- and
+    with ``world`` data-parallel workers, worker ``rank`` gets its slice of the same global batch, so
+    one worker and four consume the same pairs in the same order."""
+    if pairs.num_rows < batch_size:
+        raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
+    english = pairs["english"].to_pylist()
+    translation = pairs["translation"].to_pylist()
+    per_epoch, local = len(english) // batch_size, batch_size // world
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng([seed, epoch]).permutation(len(english))
+        for i in range(offset, per_epoch):
+            first = i * batch_size + rank * local
+            idx = order[first : first + local]
+            yield [english[j] for j in idx], [translation[j] for j in idx]
+            step += 1
 
 
 def image_ids(uris: list[str]) -> set[str]:

@@ -1,24 +1,32 @@
-"""The distillation loop, single process: bitext pairs -> teacher (frozen) + student -> objective ->
-AdamW. Ray Train runs the same :class:`Distiller` in each worker (see :mod:`optical_ray.train`).
+"""The distillation loop, written once: bitext pairs -> teacher (frozen) + student -> objective ->
+AdamW, with dev evaluations, checkpoints and exact resume.
+
+:func:`fit` is the loop. Where it runs decides only its :class:`Reporter` -- where metrics and
+checkpoints go and which checkpoint to resume from: :class:`LocalRun` for the single-process
+:func:`distill` (a folder), Ray Train's worker in :mod:`optical_ray.train`, a Tune trial in
+:mod:`optical_ray.tune`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import data, storage
+from . import checkpoints, data, storage
 from .config import DistillConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
@@ -40,24 +48,6 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
     captions = data.read_captions(cfg.data.train)
     held_out = data.image_ids(cfg.data.exclude_images_from)
     return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
-
-
-def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0) -> Iterator[tuple[list[str], list[str]]]:
-    """Endless (english, translation) batches of exactly ``batch_size``, reshuffled each epoch from
-    ``seed``; starting at ``start_step`` gives the same stream a run from step 0 would have reached."""
-    if pairs.num_rows < batch_size:
-        raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
-    english = pairs["english"].to_pylist()
-    translation = pairs["translation"].to_pylist()
-    per_epoch = len(english) // batch_size
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(english))
-        for i in range(offset, per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            yield [english[j] for j in idx], [translation[j] for j in idx]
-            step += 1
 
 
 def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:
@@ -167,60 +157,115 @@ def evaluation_due(cfg: DistillConfig, step: int) -> bool:
     return step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
 
 
-def fit(cfg: DistillConfig, progress: bool = True, on_metrics: Callable[[dict], None] | None = None
-        ) -> tuple[Encoder, dict, list[dict]]:
-    """Train for ``cfg.steps`` and evaluate on the dev set every ``eval_every`` steps and at the end.
+def checkpoint_due(cfg: DistillConfig, step: int) -> bool:
+    """Every ``checkpoint_every`` steps and at every dev evaluation (so the last step always has one)."""
+    return evaluation_due(cfg, step) or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
 
-    ``on_metrics`` receives every logged metrics dict; those of evaluation steps (always the last one)
-    carry the dev metrics. Returns (student, final dev report, logged metrics).
+
+class Reporter(Protocol):
+    """Where a run of :func:`fit` reports. ``report`` is called on every worker at the same steps
+    (logging steps and checkpoint steps); ``checkpoint`` is a folder on rank 0 at checkpoint steps,
+    else None, and is deleted after the call."""
+
+    def resume_from(self) -> contextlib.AbstractContextManager[str | None]: ...
+
+    def report(self, metrics: dict, checkpoint: str | None) -> None: ...
+
+
+def fit(cfg: DistillConfig, reporter: Reporter, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
+        wrap: Callable[[Encoder], torch.nn.Module] | None = None, progress: bool = False) -> tuple[Encoder, dict]:
+    """Train from the reporter's latest checkpoint (or from the start) to ``cfg.steps``.
+
+    Every worker runs this with its ``rank`` of ``world``; ``wrap`` makes the forward model (DDP).
+    Returns (student, dev report of the last step); the report is {} on ranks other than 0.
     """
-    seed_everything(cfg.seed)
-    pairs = load_bitext(cfg)
-    dev_captions = data.read_captions(cfg.data.dev)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts them)
     student, teacher = load_models(cfg, device)
-    distiller = Distiller(cfg, student, teacher)
-
-    history: list[dict] = []
+    distiller = Distiller(cfg, student, teacher, model=wrap(student) if wrap else None)
     report: dict = {}
-    stream = batches(pairs, cfg.batch_size, cfg.seed)
-    bar = tqdm(total=cfg.steps, desc="distill", unit="step", disable=not progress)
-    start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        metrics = distiller.step(*next(stream))
-        metrics.update(step=step, pairs_per_s=step * cfg.batch_size / (time.perf_counter() - start))
+    with reporter.resume_from() as folder:
+        if folder:
+            report = checkpoints.restore(folder, student, distiller, cfg)
+            log.info("resumed from step %d (%d pairs consumed)", distiller.step_count, distiller.step_count * cfg.batch_size)
+    stream = data.batches(load_bitext(cfg), cfg.batch_size, cfg.seed, distiller.step_count, rank, world)
+    dev_captions = data.read_captions(cfg.data.dev) if rank == 0 else None
+
+    first_step, start = distiller.step_count, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=first_step, desc="distill", unit="step", disable=not progress)
+    while distiller.step_count < cfg.steps:
+        english, translation = next(stream)
+        torch.manual_seed(checkpoints.step_seed(cfg.seed, distiller.step_count, rank))
+        metrics = distiller.step(english, translation)
+        step = distiller.step_count
+        metrics.update(step=step, pairs_per_s=(step - first_step) * cfg.batch_size / (time.perf_counter() - start))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        evaluate_now = evaluation_due(cfg, step)
-        if evaluate_now:
+        evaluate_now, checkpoint_now = evaluation_due(cfg, step), checkpoint_due(cfg, step)
+        if evaluate_now and rank == 0:
             report = dev_report(cfg, student, dev_captions, progress=progress and step == cfg.steps)
             metrics.update(dev_metrics(report))
-        if evaluate_now or step % cfg.log_every == 0:
-            history.append(metrics)
-            if on_metrics:
-                on_metrics(metrics)
+        if checkpoint_now or step % cfg.log_every == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                saved = None
+                if checkpoint_now and rank == 0:
+                    saved = checkpoints.save(folder, student, distiller, cfg, report if evaluate_now else None)
+                reporter.report(metrics, saved)
     bar.close()
-    return student, report, history
+    return student, report
+
+
+class LocalRun:
+    """The single-process reporter: metrics appended to ``output_dir/metrics.jsonl`` and kept in
+    ``history``; checkpoints in ``output_dir/checkpoints/step_NNNNNNN`` (the latest ``keep``)."""
+
+    def __init__(self, cfg: DistillConfig, on_metrics: Callable[[dict], None] | None = None, keep: int = 2):
+        self.out = Path(cfg.output_dir)
+        self.folder = self.out / "checkpoints"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        checkpoints.claim(str(self.folder), cfg)
+        self.on_metrics, self.keep, self.history = on_metrics, keep, []
+
+    def saved(self) -> list[Path]:
+        return sorted(self.folder.glob("step_*"))
+
+    @contextlib.contextmanager
+    def resume_from(self) -> Iterator[str | None]:
+        saved = self.saved()
+        step = int(saved[-1].name.removeprefix("step_")) if saved else 0
+        log_file = self.out / "metrics.jsonl"
+        if log_file.exists():  # steps after the checkpoint are trained (and logged) again
+            lines = [line for line in log_file.read_text().splitlines() if json.loads(line)["step"] <= step]
+            log_file.write_text("".join(line + "\n" for line in lines))
+        yield str(saved[-1]) if saved else None
+
+    def report(self, metrics: dict, checkpoint: str | None) -> None:
+        if checkpoint:
+            final = self.folder / f"step_{metrics['step']:07d}"
+            staging = final.with_name(final.name + ".partial")  # a crash mid-copy leaves no half checkpoint
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(checkpoint, staging)
+            staging.rename(final)
+            for old in self.saved()[:-self.keep]:
+                shutil.rmtree(old)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        self.history.append(metrics)
+        if self.on_metrics:
+            self.on_metrics(metrics)
 
 
 def distill(cfg: DistillConfig, progress: bool = True,
             on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
-    """:func:`fit`, then publish the student as a new version under ``output_dir/student`` (its
+    """:func:`fit` in this process, resuming from ``output_dir/checkpoints`` when a run of the same
+    config stopped there; then publish the student as a new version under ``output_dir/student`` (its
     ``LATEST`` names it; any model argument accepts the root), the dev report to ``output_dir/dev``,
     the config and ``metrics.jsonl``."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run = LocalRun(cfg, on_metrics)
     save_config(cfg, out / "config.yaml")
-    with open(out / "metrics.jsonl", "w") as metrics_file:
-        def log_metrics(metrics: dict) -> None:
-            metrics_file.write(json.dumps(metrics) + "\n")
-            metrics_file.flush()
-            if on_metrics:
-                on_metrics(metrics)
-
-        student, report, history = fit(cfg, progress, log_metrics)
+    student, report = fit(cfg, run, progress=progress)
     write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
     with tempfile.TemporaryDirectory() as staging:
         model_dir = Path(publish(student.save(Path(staging) / "student"), str(out / "student")))
-    return DistillResult(model_dir=model_dir, dev_report=report, history=history)
-
+    return DistillResult(model_dir=model_dir, dev_report=report, history=run.history)

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import data
-from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, load_config, to_dict
+from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, load_config, to_dict, training_fields
 from .distill import dev_metrics
 from .evaluate import rank_queries
 from .losses import LossWeights
@@ -110,14 +110,6 @@ def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
 def config_key(value: dict) -> str:
     """A short, stable hash of a config: records are reused only for exactly the same run."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def training_fields(cfg: DistillConfig) -> dict:
-    """What decides a trained student: the config less where it is written."""
-    fields = to_dict(cfg)
-    fields.pop("output_dir")
-    fields.pop("ray")
-    return fields
 
 
 # Ranks travel in the records compactly: uint32, 0 for "never found" (inf), zlib, base64.

@@ -21,11 +21,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
 from . import storage
+
+try:
+    import faiss
+except ImportError as err:  # the package's cpu or gpu extra installs it
+    raise ImportError('FAISS is not installed: pip install "optical-ray[cpu]" (or "optical-ray[gpu]" on CUDA)') from err
 
 INDEX_FILE, METADATA_FILE, MANIFEST_FILE, CURRENT_FILE = "index.faiss", "metadata.parquet", "manifest.json", "CURRENT"
 

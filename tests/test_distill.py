@@ -1,12 +1,12 @@
-import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from optical_ray.config import DistillConfig, load_config
-from optical_ray.distill import Distiller, batches, distill, load_bitext, load_models
+from optical_ray.config import ConfigError, DistillConfig, load_config
+from optical_ray.data import batches
+from optical_ray.distill import Distiller, distill, load_bitext, load_models
 from optical_ray.models import Encoder
 
 
@@ -73,30 +73,76 @@ def test_same_seed_same_losses(tmp_path, tiny_model_dir, tiny_teacher_dir):
     assert [m["loss"] for m in runs[0]] == [m["loss"] for m in runs[1]]
 
 
-def test_optimizer_state_round_trip_continues_identically(tmp_path, tiny_model_dir, tiny_teacher_dir):
-    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir)
-    pairs = load_bitext(cfg)
+class Crash(Exception):
+    pass
 
-    def run(steps_before, steps_after, restore=None):
-        torch.manual_seed(0)
-        student, teacher = load_models(cfg, torch.device("cpu"))
-        d = Distiller(cfg, student, teacher)
-        if restore:
-            student.load_state_dict(restore[0])
-            d.load_state_dict(restore[1])
-        stream = batches(pairs, cfg.batch_size, cfg.seed, start_step=d.step_count)
-        for _ in range(steps_before):
-            d.step(*next(stream))
-        state = copy.deepcopy((student.state_dict(), d.state_dict()))  # later steps mutate them in place
-        losses = []
-        for _ in range(steps_after):
-            torch.manual_seed(100 + d.step_count)  # dropout masks depend only on the step
-            losses.append(d.step(*next(stream))["loss"])
-        return state, losses
 
-    state, straight = run(2, 2)
-    _, resumed = run(0, 2, restore=state)
-    assert resumed == pytest.approx(straight, rel=1e-5)
+TRAIN_STEP = Distiller.step
+
+
+def record_batches(monkeypatch, seen: list, crash_at: int | None = None):
+    """Distiller.step records every batch it trains on; with ``crash_at`` it raises there instead."""
+    def recording(self, english, translation):
+        if crash_at is not None and self.step_count == crash_at:
+            raise Crash(f"killed at step {crash_at}")
+        seen.append((self.step_count, english, translation))
+        return TRAIN_STEP(self, english, translation)
+
+    monkeypatch.setattr(Distiller, "step", recording)
+
+
+def test_an_interrupted_run_resumes_exactly(tmp_path, tiny_model_dir, tiny_teacher_dir, monkeypatch):
+    """Killed in step 6 with checkpoints every 2 steps, then run again: it resumes at step 4, the pairs
+    consumed are exactly the uninterrupted run's (none twice, none skipped) and so are the weights."""
+    def cfg(name):
+        return tiny_config(tmp_path / name, tiny_model_dir, tiny_teacher_dir, steps=8, checkpoint_every=2,
+                           log_every=1, optim={"lr": 1e-3, "warmup_steps": 2})
+
+    straight: list = []
+    record_batches(monkeypatch, straight)
+    expected = distill(cfg("straight"), progress=False)
+
+    interrupted: list = []
+    record_batches(monkeypatch, interrupted, crash_at=5)
+    with pytest.raises(Crash):
+        distill(cfg("interrupted"), progress=False)
+    assert sorted(p.name for p in (tmp_path / "interrupted" / "run" / "checkpoints").glob("step_*")) == ["step_0000002", "step_0000004"]
+    record_batches(monkeypatch, interrupted)
+    resumed = distill(cfg("interrupted"), progress=False)
+
+    steps = [s for s, *_ in interrupted]
+    assert steps == [0, 1, 2, 3, 4, 4, 5, 6, 7]  # step 4 ran, was lost with the crash, and ran again
+    del interrupted[4]
+    assert interrupted == straight
+    assert [m["step"] for m in resumed.history] == [5, 6, 7, 8]
+    logged = [json.loads(line)["step"] for line in (tmp_path / "interrupted" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))  # what was logged after the checkpoint was dropped, then logged again
+    a, b = Encoder.load(expected.model_dir), Encoder.load(resumed.model_dir)
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+    assert resumed.dev_report["languages"] == expected.dev_report["languages"]
+
+
+def test_resuming_with_a_changed_config_is_refused_naming_the_keys(tmp_path, tiny_model_dir, tiny_teacher_dir):
+    distill(tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir, steps=2), progress=False)
+    changed = tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir, steps=2, loss={"sinkhorn_reg": 0.2},
+                          optim={"lr": 5e-4, "warmup_steps": 2})
+    with pytest.raises(ConfigError, match=r"another config \(loss.sinkhorn_reg: 0.05 -> 0.2; optim.lr: 0.001 -> 0.0005\)"):
+        distill(changed, progress=False)
+    # where it writes and how often it checkpoints are not part of what it trains
+    distill(tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir, steps=2, checkpoint_every=1), progress=False)
+
+
+def test_two_workers_take_the_halves_of_one_global_batch(tmp_path, tiny_model_dir):
+    pairs = load_bitext(tiny_config(tmp_path, tiny_model_dir, tiny_model_dir))
+    whole = batches(pairs, 8, seed=1, start_step=3)
+    halves = [batches(pairs, 8, seed=1, start_step=3, rank=r, world=2) for r in range(2)]
+    for _ in range(5):
+        english, translation = next(whole)
+        (e0, t0), (e1, t1) = next(halves[0]), next(halves[1])
+        assert (e0 + e1, t0 + t1) == (english, translation)
+    with pytest.raises(ValueError, match="does not split evenly over 3 workers"):
+        next(batches(pairs, 8, seed=1, world=3))
 
 
 def test_batches_restart_mid_epoch_like_an_uninterrupted_stream(tmp_path, tiny_model_dir):

@@ -556,7 +556,7 @@ def test_load_with_autoscaling_and_index_hot_swap(service, indexes):
 
 @pytest.mark.timeout(600)
 def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster, s3):
-    """Counters and histograms of serve/app.py, scraped over HTTP as Prometheus would, after this test
+    """Counters and histograms of optical_ray/service/app.py, scraped over HTTP as Prometheus would, after this test
     has caused one of each outcome: answered, shed (max_in_flight 0) and a refused index swap."""
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
     before = httpx.get(f"{url}/status", headers=key).json()["retriever"]["failed_swaps"]

@@ -6,7 +6,7 @@ s3:// folder; a new ``index_uri`` in its user_config swaps it in while requests 
 ``SearchAPI`` (the FastAPI ingress: ``POST /search``, ``GET /healthz``, ``GET /`` a search page,
 OpenAPI docs at ``/docs``).
 
-    serve run serve.app:build_app model=student-init index_uri=runs/index
+    serve run optical_ray.service.app:build_app model=student-init index_uri=runs/index
     serve deploy serve/config.yaml
 
 Fails closed: every route but ``/healthz`` needs the key in ``OPTICAL_RAY_API_KEY``, as ``X-API-Key:
@@ -386,7 +386,7 @@ class SearchAPI:
 
 
 def build_app(args: dict) -> serve.Application:
-    """``serve run serve.app:build_app model=DIR index_uri=URI`` or the ``args`` of serve/config.yaml
+    """``serve run optical_ray.service.app:build_app model=DIR index_uri=URI`` or the ``args`` of serve/config.yaml
     (also ``auth``: api_key | none, and ``api_key_env``)."""
     missing = [k for k in ("model", "index_uri") if not args.get(k)]
     if missing:
