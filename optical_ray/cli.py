@@ -17,7 +17,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .models import Encoder
 
     query_langs = check_languages(args.query_langs, "--query-langs")
-    captions = read_captions(args.data)
+    captions = read_captions(args.data, args.drop_blank)
     encoder = Encoder.load(args.model, max_length=args.max_length)
     report = evaluate(encoder, captions, query_langs, args.corpus_lang, high=args.high, low=args.low,
                       batch_size=args.batch_size)
@@ -96,10 +96,23 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
 
-    pairs, report = bitext_pairs(read_captions(args.captions), args.languages, image_ids(args.exclude_images_from or []))
+    pairs, report = bitext_pairs(read_captions(args.captions, args.drop_blank), args.languages,
+                                 image_ids(args.exclude_images_from or [], args.drop_blank))
     shards = write_bitext_shards(pairs, args.out, args.rows_per_shard)
     print(report.summary())
     print(f"wrote {pairs.num_rows} pairs in {len(shards)} shard(s) under {args.out}")
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .upstream import build_tables
+
+    checkouts = {k: Path(v) if v else None for k, v in
+                 (("multi30k", args.multi30k), ("multiscript30k_repo", args.multiscript30k), ("iglue", args.iglue),
+                  ("dutch", args.dutch))}
+    for uri in build_tables(args.out, drop_blank=args.drop_blank, **checkouts):
+        print(uri)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -130,6 +143,12 @@ def _config_options(p: argparse.ArgumentParser, schema: str, example: str, ray: 
                    help="log debug messages and show where an error was raised")
 
 
+def _drop_blank_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drop-blank", action="store_true",
+                   help="drop blank captions and report how many per file and language (default: refuse them, "
+                        "naming the file and row)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optical-ray",
@@ -151,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128, help="tokens per text")
     p.add_argument("--out", required=True, help="output folder")
+    _drop_blank_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("distill", help="distil a student on bitext in this process (see configs/distill.yaml)",
@@ -210,7 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-images-from", action="append", help="evaluation tables whose images stay out (repeatable)")
     p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
     p.add_argument("--rows-per-shard", type=int, default=50_000)
+    _drop_blank_option(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = data.add_parser("build", help="upstream repositories' files -> the caption tables (Parquet)",
+                        description="Rebuild the caption tables of ../shared/data/flickr30k-ml from checkouts of "
+                                    "the repositories it names (README: Data): Multi30k (github.com/multi30k/dataset), "
+                                    "MultiScript30k (github.com/ufdatastudio/multi30k-extension), IGLUE "
+                                    "(github.com/e-bug/iglue) and the Dutch descriptions (github.com/cltl/DutchDescriptions). "
+                                    "Give any of them; each table is written as <out>/<name>.parquet.")
+    p.add_argument("--multi30k", help="checkout of multi30k/dataset (task 1 and task 2 tables)")
+    p.add_argument("--multiscript30k", help="checkout of ufdatastudio/multi30k-extension (needs --multi30k)")
+    p.add_argument("--iglue", help="checkout of e-bug/iglue (Flickr30k val machine translations)")
+    p.add_argument("--dutch", help="checkout of cltl/DutchDescriptions")
+    p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
+    _drop_blank_option(p)
+    p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("demo", help="the embedded demo: evaluate, distil briefly, evaluate again",
                        description="Runs on the bundled sample data and shipped models; needs nothing else.")
@@ -223,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build of FAISS it tried
     from .config import ConfigError
     from .data import DataError
     from .e5s1 import E5S1FormatError
@@ -234,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, FileNotFoundError) as err:
         if args.verbose:
             logging.getLogger("optical_ray").exception("where it failed:")
-        print(f"optical-ray {args.command}: error: {err}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"optical-ray {command}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

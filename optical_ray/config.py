@@ -1,21 +1,34 @@
-"""Configuration: plain dataclasses loaded from YAML with strict validation.
+"""Configuration: pydantic models loaded from YAML, validated on load.
 
-An unknown key or a value of the wrong type is an error that names the file and the key path
-(``loss.temperature``), never a silent default. Defaults are the embedded demo's: the shipped
-models and the sample data bundled with the package.
+An unknown key, a value of the wrong type or out of range is an error that names the file, the key
+path (``loss.temperature``) and the value, never a silent default. Defaults are the embedded demo's:
+the shipped models and the sample data bundled with the package.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import types
+import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 
@@ -28,83 +41,120 @@ def _sample(*names: str) -> list[str]:
     return [str(SAMPLE_DIR / name) for name in names]
 
 
-@dataclass
-class DataConfig:
+def _comma_separated(value):
+    """``"de,fr"`` is a list too (handy on the command line: ``--set data.languages=de,qu``)."""
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+
+_S3_URI = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?")
+
+
+def _check_uri(value: str) -> str:
+    if not value:
+        raise ValueError("an empty path")
+    if "://" in value and not value.startswith("s3://"):
+        raise ValueError("only local paths and s3:// URIs are supported")
+    if value.startswith("s3:") and not _S3_URI.fullmatch(value):
+        raise ValueError("not a well-formed s3:// URI (s3://bucket/key, bucket 3-63 lowercase letters, digits, . or -)")
+    return value
+
+
+def _check_range(bounds: list[float]) -> list[float]:
+    if bounds and (len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]):
+        raise ValueError("must be [] or [low, high] with 0 < low <= high")
+    return bounds
+
+
+Uri = Annotated[str, AfterValidator(_check_uri)]  # a local path or s3://bucket/key
+Uris = Annotated[list[Uri], BeforeValidator(_comma_separated)]
+Names = Annotated[list[str], BeforeValidator(_comma_separated)]
+Range = Annotated[list[PositiveFloat], AfterValidator(_check_range)]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Config):
     # Caption tables (Parquet files or folders, local or s3://) to build English<->L bitext from.
-    train: list[str] = field(default_factory=lambda: _sample("train_captions.parquet"))
+    train: Uris = Field(default_factory=lambda: _sample("train_captions.parquet"))
     # Or bitext shards written by `optical-ray data prepare` (a folder, local or s3://); when set,
     # `train`, `languages` and `exclude_images_from` were applied at preparation and are ignored.
-    bitext: str | None = None
+    bitext: Uri | None = None
     # Languages paired with English for training.
-    languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
+    languages: Names = Field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
     # Images in these tables never enter training (keep every evaluation set here).
-    exclude_images_from: list[str] = field(default_factory=lambda: _sample("val_captions.parquet", "test_2018_captions.parquet"))
+    exclude_images_from: Uris = Field(default_factory=lambda: _sample("val_captions.parquet", "test_2018_captions.parquet"))
     # Development set: caption tables and the query languages evaluated on it.
-    dev: list[str] = field(default_factory=lambda: _sample("val_captions.parquet"))
-    dev_languages: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh", "ay", "gn", "qu"])
-    high_resource: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh"])
-    low_resource: list[str] = field(default_factory=lambda: ["ay", "gn", "qu"])
+    dev: Uris = Field(default_factory=lambda: _sample("val_captions.parquet"))
+    dev_languages: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh", "ay", "gn", "qu"])
+    high_resource: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh"])
+    low_resource: Names = Field(default_factory=lambda: ["ay", "gn", "qu"])
+    # Blank captions are refused, naming the file and row; true drops them and logs how many per language.
+    drop_blank: StrictBool = False
 
 
-@dataclass
-class LossConfig:
-    ot_weight: float = 1.0
-    contrastive_weight: float = 1.0
-    mse_weight: float = 0.0
-    sinkhorn_reg: float = 0.05  # epsilon, the entropic regularization of the transport plan
-    sinkhorn_iters: int = 300  # enough for a marginal error < 1e-3 at ε >= 0.01 (optical_ray.ot.MIN_REG)
-    temperature: float = 0.05  # tau of the InfoNCE logits
+class LossConfig(Config):
+    ot_weight: NonNegativeFloat = 1.0
+    contrastive_weight: NonNegativeFloat = 1.0
+    mse_weight: NonNegativeFloat = 0.0
+    sinkhorn_reg: PositiveFloat = 0.05  # epsilon, the entropic regularization of the transport plan
+    sinkhorn_iters: PositiveInt = 300  # enough for a marginal error < 1e-3 at ε >= 0.01 (optical_ray.ot.MIN_REG)
+    temperature: PositiveFloat = 0.05  # tau of the InfoNCE logits
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> LossConfig:
+        if not (self.ot_weight or self.contrastive_weight or self.mse_weight):
+            raise ValueError("ot_weight, contrastive_weight and mse_weight are all 0: nothing to train")
+        return self
 
 
-@dataclass
-class OptimConfig:
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
+class OptimConfig(Config):
+    lr: PositiveFloat = 2e-5
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: NonNegativeInt = 20
+    grad_clip: PositiveFloat = 1.0
 
 
-@dataclass
-class RayConfig:
+class RayConfig(Config):
     """How `optical-ray train` runs on Ray Train (ignored by the single-process `distill`)."""
 
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0  # leave CPUs free for Ray Data's read tasks, or ingest stalls
-    torch_threads: int = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (at least 1)
-    gpus_per_worker: float = 1.0
+    num_workers: PositiveInt = 1
+    use_gpu: StrictBool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    torch_threads: NonNegativeInt = 0  # intra-op threads per CPU worker; 0: cpus_per_worker (at least 1)
+    gpus_per_worker: NonNegativeFloat = 1.0
     # Custom resources each worker also needs, e.g. {trainer: 1} to keep training on the nodes started
     # with --resources '{"trainer": N}'.
-    custom_resources: dict[str, float] = field(default_factory=dict)
-    storage_path: str = "runs/ray"  # local folder or s3://bucket/prefix for checkpoints and results
-    name: str = "distill"  # a run with the same name and storage resumes from its latest checkpoint
+    custom_resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    storage_path: Uri = "runs/ray"  # local folder or s3://bucket/prefix for checkpoints and results
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "distill"  # same name + storage: resume
     # Worker-group restarts from the latest checkpoint before giving up; -1: no limit. A lost node or a
     # spot preemption costs one restart and at most checkpoint_every steps.
-    max_failures: int = 3
-    num_to_keep: int = 2  # the latest checkpoints kept
+    max_failures: Annotated[int, Field(ge=-1)] = 3
+    num_to_keep: PositiveInt = 2  # the latest checkpoints kept
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(Config):
     student: str = "student-init"  # shipped model name or model folder
     teacher: str = "student-init"  # "student-init" (frozen copy of the start) or "minilm-en"
-    output_dir: str = "runs/distill"
-    steps: int = 200
-    batch_size: int = 32
-    max_length: int = 64  # tokens per sentence in training (captions are short)
-    freeze_word_embeddings: bool = True
-    seed: int = 0
-    eval_every: int = 0  # steps between dev evaluations; 0: only at the end
+    output_dir: Uri = "runs/distill"
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 64  # tokens per sentence in training (captions are short)
+    freeze_word_embeddings: StrictBool = True
+    seed: NonNegativeInt = 0
+    eval_every: NonNegativeInt = 0  # steps between dev evaluations; 0: only at the end
     # Steps between checkpoints (also taken at every dev evaluation); a restarted run resumes from the
     # latest, consuming the same pairs in the same order as an uninterrupted one. 0: evaluations only.
-    checkpoint_every: int = 100
-    eval_batch_size: int = 64
-    log_every: int = 10
-    bf16: bool = True  # bf16 autocast when training on CUDA; ignored on CPU
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    checkpoint_every: NonNegativeInt = 100
+    eval_batch_size: PositiveInt = 64
+    log_every: PositiveInt = 10
+    bf16: StrictBool = True  # bf16 autocast when training on CUDA; ignored on CPU
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 # Where a run writes and how often it saves: not part of what it trains.
@@ -117,6 +167,8 @@ def training_fields(cfg: DistillConfig) -> dict:
     fields = to_dict(cfg)
     for key in NOT_TRAINING:
         fields.pop(key)
+    if not fields["data"]["drop_blank"]:  # added later: at its default, keys stay those of earlier records
+        del fields["data"]["drop_blank"]
     return fields
 
 
@@ -157,7 +209,47 @@ def load_config(cls: type, source: str | Path | dict | None = None, overrides: d
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return _build(cls, _with_data_root(raw, name), name, "")
+    try:
+        return cls.model_validate(_with_data_root(raw, name))
+    except ValidationError as err:
+        raise ConfigError(_describe(err, cls, name)) from None
+
+
+def derive(config: Config, overrides: dict) -> Config:
+    """A copy of ``config`` with dotted-key ``overrides``, validated like a file: the one way CLI
+    ``--set``, Tune trials and experiment arms make a config from another."""
+    return load_config(type(config), to_dict(config), overrides)
+
+
+def _describe(err: ValidationError, cls: type[Config], name: str) -> str:
+    """Every problem, each naming the key path (``loss.temperature``, ``data.train[0]``) and the value."""
+    lines = []
+    for problem in err.errors():
+        path = problem["loc"]
+        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+        if problem["type"] == "extra_forbidden":
+            known = _fields_at(cls, path[:-1])
+            where = f" in {key.rsplit('.', 1)[0]!r}" if len(path) > 1 else ""
+            lines.append(f"unknown key {key}{where}" + (f" (known: {', '.join(sorted(known))})" if known else ""))
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            message = message[:1].lower() + message[1:]
+            value = f" = {problem['input']!r}" if key and not isinstance(problem["input"], dict) else ""
+            lines.append(f"{key or 'config'}{value}: {message}")
+    return f"{name}: " + "; ".join(lines)
+
+
+def _fields_at(cls: type[Config], path: tuple) -> list[str]:
+    for part in path:
+        if isinstance(part, int):
+            continue
+        annotation = cls.model_fields[part].annotation
+        inner = typing.get_args(annotation) or (annotation,)
+        nested = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return []
+        cls = nested[0]
+    return list(cls.model_fields)
 
 
 DATA_ROOT = "${data_root}"
@@ -209,102 +301,52 @@ def _merge(base: dict, top: dict) -> dict:
     return merged
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+def to_dict(config: Config) -> dict:
+    return config.model_dump()
 
 
 def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _build(cls: type, raw: dict, name: str, prefix: str):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        where = f" in {prefix.rstrip('.')!r}" if prefix else ""
-        raise ConfigError(f"{name}: unknown key {prefix}{unknown[0]}{where} (known: {', '.join(sorted(fields))})")
-    values = {key: _check(hints[key], value, name, prefix + key) for key, value in raw.items()}
-    return cls(**values)
-
-
-def _check(kind, value, name: str, key: str):
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: {key} must be a mapping, got {value!r}")
-        return _build(kind, value, name, key + ".")
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        kind = next(k for k in options if k is not type(None))
-        origin = typing.get_origin(kind)
-    if origin is dict:
-        _, item = typing.get_args(kind)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: {key} must be a mapping, got {value!r}")
-        return {str(k): _check(item, v, name, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (item,) = typing.get_args(kind)
-        if isinstance(value, str) and item is str:  # "de,fr" is a list too
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: {key} must be a list, got {value!r}")
-        return [_check(item, v, name, f"{key}[{i}]") for i, v in enumerate(value)]
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind in (str, bool) and isinstance(value, kind):
-        return value
-    raise ConfigError(f"{name}: {key} must be {getattr(kind, '__name__', kind)}, got {value!r}")
-
-
 def _deep_copy(raw: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
 
 
-@dataclass
-class SearchSpace:
+
+
+class SearchSpace(Config):
     """What a sweep draws: each knob is a log-uniform range [low, high]; an empty list leaves the distill
     config's value alone (and [v, v] fixes it)."""
 
-    sinkhorn_reg: list[float] = field(default_factory=lambda: [0.01, 1.0])  # loss.sinkhorn_reg (ε)
-    temperature: list[float] = field(default_factory=lambda: [0.01, 0.5])  # loss.temperature (τ)
-    lr: list[float] = field(default_factory=list)  # optim.lr
-    ot_weight: list[float] = field(default_factory=list)  # loss.ot_weight (relative to the others)
-    contrastive_weight: list[float] = field(default_factory=list)
-    mse_weight: list[float] = field(default_factory=list)
+    sinkhorn_reg: Range = Field(default_factory=lambda: [0.01, 1.0])  # loss.sinkhorn_reg (ε)
+    temperature: Range = Field(default_factory=lambda: [0.01, 0.5])  # loss.temperature (τ)
+    lr: Range = Field(default_factory=list)  # optim.lr
+    ot_weight: Range = Field(default_factory=list)  # loss.ot_weight (relative to the others)
+    contrastive_weight: Range = Field(default_factory=list)
+    mse_weight: Range = Field(default_factory=list)
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(Config):
     """`optical-ray tune`: trials of the single-process distillation loop, one process per trial."""
 
-    distill: DistillConfig = field(default_factory=DistillConfig)  # every trial starts from this
-    search: SearchSpace = field(default_factory=SearchSpace)
-    objective: str = "low_r1"  # low_r1 | mean_r1 | neg_gap (all on the dev set, higher is better)
-    scheduler: str = "asha"  # asha (stops weak trials at each dev evaluation) | fifo
-    grace_period: int = 1  # dev evaluations every trial gets before ASHA may stop it
-    reduction_factor: int = 2
-    num_samples: int = 8
-    max_concurrent_trials: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # > 0 trains each trial on a GPU
-    max_failures: int = 1  # retries of a failing trial; after that it is recorded as failed
-    seed: int = 0
-    storage_path: str = "runs/tune"  # local folder or s3://bucket/prefix
-    name: str = "sweep"  # the same name and storage resume an interrupted sweep
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # every trial starts from this
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    objective: Literal["low_r1", "mean_r1", "neg_gap"] = "low_r1"  # all on the dev set, higher is better
+    scheduler: Literal["asha", "fifo"] = "asha"  # asha stops weak trials at each dev evaluation
+    grace_period: PositiveInt = 1  # dev evaluations every trial gets before ASHA may stop it
+    reduction_factor: Annotated[int, Field(ge=2)] = 2
+    num_samples: PositiveInt = 8
+    max_concurrent_trials: PositiveInt = 2
+    cpus_per_trial: PositiveFloat = 1.0
+    gpus_per_trial: NonNegativeFloat = 0.0  # > 0 trains each trial on a GPU (without it Ray hides the GPUs)
+    max_failures: Annotated[int, Field(ge=-1)] = 1  # retries of a failing trial from its checkpoint; -1: no limit
+    seed: NonNegativeInt = 0
+    storage_path: Uri = "runs/tune"  # local folder or s3://bucket/prefix
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "sweep"  # same name + storage: resume
 
 
-@dataclass
-class TestSet:
+class TestSet(Config):
     """One evaluation: queries in each language against the English captions of the same images.
 
     ``protocol``: ``translation`` (the query translates one of the corpus captions), ``semantic`` (that
@@ -313,18 +355,27 @@ class TestSet:
     each gap in ``gaps`` is [higher group, lower group].
     """
 
+    __test__ = False  # not a pytest test class
+
     name: str = "test_2018"
-    protocol: str = "translation"
-    data: list[str] = field(default_factory=lambda: _sample("test_2018_captions.parquet"))
-    exclude_images_from: list[str] = field(default_factory=list)  # e.g. the dev split
-    query_langs: list[str] = field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
-    groups: dict[str, list[str]] = field(default_factory=lambda: {"high": ["de", "fr", "es", "zh"],
+    protocol: Literal["translation", "semantic", "independent"] = "translation"
+    data: Uris = Field(default_factory=lambda: _sample("test_2018_captions.parquet"))
+    exclude_images_from: Uris = Field(default_factory=list)  # e.g. the dev split
+    query_langs: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
+    groups: dict[str, list[str]] = Field(default_factory=lambda: {"high": ["de", "fr", "es", "zh"],
                                                                    "low": ["ay", "gn", "qu"]})
-    gaps: dict[str, list[str]] = field(default_factory=lambda: {"low": ["high", "low"]})
+    gaps: dict[str, list[str]] = Field(default_factory=lambda: {"low": ["high", "low"]})
+
+    @model_validator(mode="after")
+    def _gaps_between_groups(self) -> TestSet:
+        for gap, pair in self.gaps.items():
+            unknown = [g for g in pair if g not in self.groups]
+            if len(pair) != 2 or unknown:
+                raise ValueError(f"gaps.{gap} must name two of the groups ({', '.join(self.groups)}), got {pair}")
+        return self
 
 
-@dataclass
-class ExperimentConfig:
+class ExperimentConfig(Config):
     """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
     Every arm (``optical_ray.experiment.ARMS``) starts from the same student and teacher, trains on the
@@ -332,16 +383,15 @@ class ExperimentConfig:
     over its own knobs. Finished runs are recorded under ``results_dir/runs`` and skipped on the next call.
     """
 
-    distill: DistillConfig = field(default_factory=DistillConfig)  # data, steps shared by every arm
-    arms: list[str] = field(default_factory=lambda: ["none", "mse", "ot", "ot+contrastive", "contrastive",
-                                                     "mse+contrastive"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # data order and dropout per training seed
-    held_out_languages: list[str] = field(default_factory=list)  # never trained on, never tuned on
-    teachers: list[str] = field(default_factory=lambda: ["student-init"])  # > 1: chosen on dev with MSE runs
-    teacher_steps: int = 0  # steps of the MSE runs that choose the teacher; 0: distill.steps
-    sweep: SweepConfig = field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
-    test_sets: list[TestSet] = field(default_factory=lambda: [TestSet()])
-    bootstrap: int = 1000  # image resamples for the 95% intervals
+    distill: DistillConfig = Field(default_factory=DistillConfig)  # data, steps shared by every arm
+    arms: Names = Field(default_factory=lambda: ["none", "mse", "ot", "ot+contrastive", "contrastive", "mse+contrastive"])
+    seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # data order and dropout
+    held_out_languages: Names = Field(default_factory=list)  # never trained on, never tuned on
+    teachers: list[str] = Field(default_factory=lambda: ["student-init"], min_length=1)  # > 1: chosen on dev
+    teacher_steps: NonNegativeInt = 0  # steps of the MSE runs that choose the teacher; 0: distill.steps
+    sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
+    test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)
+    bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals
     out_dir: str = "runs/experiment"  # models and Ray storage (large, not committed)
     results_dir: str = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
-    keep_models: bool = False  # a student is deleted once evaluated and recorded
+    keep_models: StrictBool = False  # a student is deleted once evaluated and recorded

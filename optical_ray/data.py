@@ -40,17 +40,20 @@ class DataError(ValueError):
     """Bad input data; the message names the file, row and field."""
 
 
-def read_captions(uris: str | list[str]) -> pa.Table:
+def read_captions(uris: str | list[str], drop_blank: bool = False) -> pa.Table:
     """Read and validate caption tables (files or folders of ``*.parquet``, local or s3://)."""
     uris = [uris] if isinstance(uris, str) else list(uris)
     files = [f for uri in uris for f in storage.list_files(uri, suffix=".parquet")]
     if not files:
         raise DataError(f"no Parquet files under {', '.join(uris)}")
-    return pa.concat_tables([validate_captions(storage.read_parquet(f), f) for f in files])
+    return pa.concat_tables([validate_captions(storage.read_parquet(f), f, drop_blank) for f in files])
 
 
-def validate_captions(table: pa.Table, name: str) -> pa.Table:
-    """The table with exactly ``CAPTION_COLUMNS`` in their types, or a DataError naming the problem."""
+def validate_captions(table: pa.Table, name: str, drop_blank: bool = False) -> pa.Table:
+    """The table with exactly ``CAPTION_COLUMNS`` in their types, or a DataError naming the problem.
+
+    A blank caption is refused, naming its row, unless ``drop_blank``: then blank rows are dropped and
+    counted per language in the log (public caption sets do have a few)."""
     columns = {}
     for column, kind in CAPTION_COLUMNS.items():
         if column not in table.column_names:
@@ -67,7 +70,10 @@ def validate_captions(table: pa.Table, name: str) -> pa.Table:
     table = pa.table(columns)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table["text"])), 0)
     if pc.any(blank).as_py():
-        raise DataError(f"{name}: row {_first(blank)}: field 'text' is empty")
+        if not drop_blank:
+            raise DataError(f"{name}: row {_first(blank)}: field 'text' is empty (drop_blank: true drops such rows)")
+        log.warning("%s: dropped %s", name, count_by_language(table.filter(blank)["lang"], "blank caption"))
+        table = table.filter(pc.invert(blank))
     unknown = pc.invert(pc.is_in(table["lang"], value_set=pa.array(sorted(KNOWN_LANGUAGES))))
     if pc.any(unknown).as_py():
         row = _first(unknown)
@@ -76,6 +82,13 @@ def validate_captions(table: pa.Table, name: str) -> pa.Table:
             f"(known: {', '.join(sorted(KNOWN_LANGUAGES))})"
         )
     return table
+
+
+def count_by_language(langs, what: str) -> str:
+    """``"3 blank captions (de 2, nl 1)"``."""
+    counts = Counter(langs.to_pylist() if hasattr(langs, "to_pylist") else langs)
+    total = sum(counts.values())
+    return f"{total} {what}{'s' if total != 1 else ''} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})"
 
 
 def check_languages(langs: list[str], what: str = "languages") -> list[str]:
@@ -210,11 +223,11 @@ def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, ra
             step += 1
 
 
-def image_ids(uris: list[str]) -> set[str]:
+def image_ids(uris: list[str], drop_blank: bool = False) -> set[str]:
     """All image ids in the given caption tables (used to keep evaluation images out of training)."""
     if not uris:
         return set()
-    return set(read_captions(uris)["image_id"].to_pylist())
+    return set(read_captions(uris, drop_blank)["image_id"].to_pylist())
 
 
 def query_captions(captions: pa.Table, lang: str) -> pa.Table:

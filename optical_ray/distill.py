@@ -45,8 +45,8 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
     """All training pairs in memory: from prepared shards, or built from the caption tables."""
     if cfg.data.bitext:
         return pa.concat_tables([storage.read_parquet(f) for f in data.check_bitext_shards(cfg.data.bitext)])
-    captions = data.read_captions(cfg.data.train)
-    held_out = data.image_ids(cfg.data.exclude_images_from)
+    captions = data.read_captions(cfg.data.train, cfg.data.drop_blank)
+    held_out = data.image_ids(cfg.data.exclude_images_from, cfg.data.drop_blank)
     return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
 
 
@@ -189,7 +189,7 @@ def fit(cfg: DistillConfig, reporter: Reporter, *, rank: int = 0, world: int = 1
             report = checkpoints.restore(folder, student, distiller, cfg)
             log.info("resumed from step %d (%d pairs consumed)", distiller.step_count, distiller.step_count * cfg.batch_size)
     stream = data.batches(load_bitext(cfg), cfg.batch_size, cfg.seed, distiller.step_count, rank, world)
-    dev_captions = data.read_captions(cfg.data.dev) if rank == 0 else None
+    dev_captions = data.read_captions(cfg.data.dev, cfg.data.drop_blank) if rank == 0 else None
 
     first_step, start = distiller.step_count, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=first_step, desc="distill", unit="step", disable=not progress)

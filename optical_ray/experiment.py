@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import data
-from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, load_config, to_dict, training_fields
+from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, derive, to_dict, training_fields
 from .distill import dev_metrics
 from .evaluate import rank_queries
 from .losses import LossWeights
@@ -93,7 +93,7 @@ def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params:
         "ray.name": name,
         **{KNOBS[k]: v for k, v in (params or {}).items()},
     }
-    return load_config(DistillConfig, to_dict(cfg.distill), overrides)
+    return derive(cfg.distill, overrides)
 
 
 def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:

@@ -15,15 +15,24 @@ def test_defaults_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("stepz: 3\n", r"c.yaml: unknown key stepz"),
-    ("loss:\n  epsilon: 0.1\n", r"unknown key loss.epsilon in 'loss'"),
-    ("steps: many\n", r"c.yaml: steps must be int, got 'many'"),
-    ("steps: 2.5\n", r"steps must be int"),
-    ("freeze_word_embeddings: 1\n", r"freeze_word_embeddings must be bool"),
-    ("loss: 3\n", r"loss must be a mapping"),
-    ("data:\n  train: [1, 2]\n", r"data.train\[0\] must be str"),
+    ("stepz: 3\n", r"c.yaml: unknown key stepz \(known: batch_size, bf16, "),
+    ("loss:\n  epsilon: 0.1\n", r"unknown key loss.epsilon in 'loss' \(known: contrastive_weight, "),
+    ("steps: many\n", r"c.yaml: steps = 'many': input should be a valid integer"),
+    ("steps: 2.5\n", r"steps = 2.5: input should be a valid integer"),
+    ("freeze_word_embeddings: 1\n", r"freeze_word_embeddings = 1: input should be a valid boolean"),
+    ("loss: 3\n", r"loss = 3: input should be a valid dictionary"),
+    ("data:\n  train: [1, 2]\n", r"data.train\[0\] = 1: input should be a valid string; data.train\[1\] = 2"),
     ("- a\n- b\n", r"expected a mapping at the top level"),
     ("steps: [\n", r"not valid YAML"),
+    # ranges: what would otherwise fail deep inside torch, or train nothing
+    ("loss:\n  sinkhorn_reg: 0\n", r"loss.sinkhorn_reg = 0: input should be greater than 0"),
+    ("loss:\n  temperature: -0.1\n", r"loss.temperature = -0.1: input should be greater than 0"),
+    ("batch_size: 0\n", r"batch_size = 0: input should be greater than 0"),
+    ("loss:\n  ot_weight: -1\n", r"loss.ot_weight = -1: input should be greater than or equal to 0"),
+    ("loss:\n  ot_weight: 0\n  contrastive_weight: 0\n", r"loss: ot_weight, contrastive_weight and mse_weight are all 0"),
+    ("output_dir: s3:/bucket/out\n", r"output_dir = 's3:/bucket/out': not a well-formed s3:// URI"),
+    ("data:\n  bitext: gs://bucket/x\n", r"data.bitext = 'gs://bucket/x': only local paths and s3:// URIs"),
+    ("ray:\n  max_failures: -2\n", r"ray.max_failures = -2: input should be greater than or equal to -1"),
 ])
 def test_bad_configs_name_the_key(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -43,10 +52,10 @@ def test_local_paths_become_absolute_for_ray_workers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()
     cfg = load_config(DistillConfig, {"student": "model", "teacher": "minilm-en", "output_dir": "out",
-                                      "data": {"train": ["a.parquet", "s3://b/c.parquet"], "bitext": "shards"},
+                                      "data": {"train": ["a.parquet", "s3://bucket/c.parquet"], "bitext": "shards"},
                                       "ray": {"storage_path": "s3://bucket/runs"}})
     fixed = with_absolute_paths(cfg)
-    assert fixed.data.train == [str(tmp_path / "a.parquet"), "s3://b/c.parquet"]
+    assert fixed.data.train == [str(tmp_path / "a.parquet"), "s3://bucket/c.parquet"]
     assert fixed.data.bitext == str(tmp_path / "shards") and fixed.output_dir == str(tmp_path / "out")
     assert fixed.student == str(tmp_path / "model") and fixed.teacher == "minilm-en"
     assert fixed.ray.storage_path == "s3://bucket/runs" and cfg.output_dir == "out"  # the original is unchanged
@@ -94,3 +103,23 @@ def test_data_root_places_every_table_and_is_not_part_of_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: data.train uses \$\{data_root\} but no data_root is set"):
         load_config(DistillConfig, path)
     assert "data_root" not in training_fields(local) and "checkpoint_every" not in training_fields(local)
+
+
+def test_sweep_and_experiment_ranges(tmp_path):
+    from optical_ray.config import ExperimentConfig, SweepConfig
+
+    with pytest.raises(ConfigError, match=r"search.temperature = \[0.5, 0.1\]: must be \[\] or \[low, high\] with 0 < low <= high"):
+        load_config(SweepConfig, {"search": {"temperature": [0.5, 0.1]}})
+    with pytest.raises(ConfigError, match=r"objective = 'recall': input should be 'low_r1', 'mean_r1' or 'neg_gap'"):
+        load_config(SweepConfig, {"objective": "recall"})
+    with pytest.raises(ConfigError, match=r"test_sets\[0\]: gaps.low must name two of the groups \(high\), got \['high', 'low'\]"):
+        load_config(ExperimentConfig, {"test_sets": [{"groups": {"high": ["de"]}}]})
+
+
+def test_derive_validates_overrides_like_a_file():
+    from optical_ray.config import derive
+
+    base = load_config(DistillConfig)
+    assert derive(base, {"loss.temperature": 0.1}).loss.temperature == 0.1 and base.loss.temperature == 0.05
+    with pytest.raises(ConfigError, match=r"<config>: loss.temperature = 0: input should be greater than 0"):
+        derive(base, {"loss.temperature": 0})

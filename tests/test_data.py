@@ -112,3 +112,30 @@ def test_corpus_is_deduplicated_and_queries_kept_in_order():
     assert data.query_captions(table, "de")["text"].to_pylist() == ["q1", "q2"]
     with pytest.raises(DataError, match="no captions in query language 'fr'"):
         data.query_captions(table, "fr")
+
+
+def test_blank_captions_are_dropped_and_counted_only_when_asked(tmp_path, caplog):
+    import logging
+
+    blank = {1, 2, 4}  # two German rows and a Quechua one
+    table = captions([(r[0], r[1], r[2], "  " if i in blank else r[3], r[4]) for i, r in enumerate(ROWS)])
+    path = write(tmp_path, table)
+    with pytest.raises(DataError, match=r"t.parquet: row 1: field 'text' is empty \(drop_blank: true drops such rows\)"):
+        data.read_captions(path)
+    with caplog.at_level(logging.WARNING, logger="optical_ray"):
+        kept = data.read_captions(path, drop_blank=True)
+    assert kept.num_rows == len(ROWS) - 3 and "  " not in kept["text"].to_pylist()
+    assert "t.parquet: dropped 3 blank captions (de 2, qu 1)" in caplog.text
+
+
+def test_distill_config_drop_blank_reaches_the_training_data(tmp_path):
+    from optical_ray.config import DistillConfig, load_config
+    from optical_ray.distill import load_bitext
+
+    table = captions([(r[0], r[1], r[2], "" if i == 1 else r[3], r[4]) for i, r in enumerate(ROWS)])
+    cfg = load_config(DistillConfig, {"data": {"train": [write(tmp_path, table)], "languages": ["de", "qu"],
+                                               "exclude_images_from": []}})
+    with pytest.raises(DataError, match="row 1: field 'text' is empty"):
+        load_bitext(cfg)
+    cfg.data.drop_blank = True
+    assert sorted(load_bitext(cfg)["translation"].to_pylist()) == ["Allqu phawan.", "Eine Katze schläft.", "Zwei Kinder spielen."]
