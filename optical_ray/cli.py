@@ -27,36 +27,44 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     from .config import DistillConfig, load_config
     from .distill import distill
 
     cfg = load_config(DistillConfig, args.config, dict(args.set or []))
     result = distill(cfg)
-    gap = result.dev_report["gap"]["R@1"]
-    print(f"student saved to {result.model_dir}; dev report in {result.model_dir.parent / 'dev'}"
-          + (f"; dev gap {gap:.3f}" if gap is not None else ""))
+    _summary(result.dev_report, cfg.steps)
+    print(f"student saved to {result.model_dir}; dev report in {Path(cfg.output_dir) / 'dev'}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import ray
+    import json
 
+    from . import storage
     from .config import DistillConfig, load_config
     from .train import run_training
 
     cfg = load_config(DistillConfig, args.config, dict(args.set or []))
-    ray.init(address=args.address)  # RAY_ADDRESS or a job's cluster when set; else a local Ray
-    print(f"student saved to {run_training(cfg)}")
+    _connect_ray(args)
+    student = run_training(cfg)
+    _summary(json.loads(storage.read_bytes(storage.join(cfg.output_dir, "dev", "report.json"))), cfg.steps)
+    print(f"student saved to {student}")
+
+
+def _summary(report: dict, steps: int) -> None:
+    from .evaluate import report_markdown
+
+    print(report_markdown(report, f"Dev retrieval after {steps} steps").split("\n", 2)[2])  # the table, no title
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    import ray
-
     from .config import SweepConfig, load_config
     from .tune import run_sweep
 
     cfg = load_config(SweepConfig, args.config, dict(args.set or []))
-    ray.init(address=args.address)
-    result = run_sweep(cfg, resume=args.resume)
+    _connect_ray(args)
+    result = run_sweep(cfg, resume=args.resume, verbose=args.verbose)
     print(f"{result.trials.num_rows} trials, {result.trial_steps} training steps in all; results in "
           f"{cfg.storage_path.rstrip('/')}/{cfg.name}/ (trials.csv, best.yaml, sweep.png)")
     if result.best is None:
@@ -68,11 +76,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     import json
 
-    import ray
-
     from .indexing import build_corpus_index
 
-    ray.init(address=args.address)
+    _connect_ray(args)
     manifest = build_corpus_index(args.model, args.data, args.out, args.factory, args.lang, args.query_langs,
                                   args.sample_queries, args.concurrency, args.batch_size)
     print(json.dumps(manifest, indent=2))
@@ -80,14 +86,12 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    import ray
-
     from .config import ExperimentConfig, load_config
     from .experiment import run_experiment
     from .reports import answer_lines
 
     cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
-    ray.init(address=args.address)
+    _connect_ray(args)
     results = run_experiment(cfg)
     print("\n".join(answer_lines(results)))
     print(f"report: {cfg.results_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
@@ -118,7 +122,22 @@ def cmd_build(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    args.address = "local"
+    _connect_ray(args, num_cpus=2)
     run_demo(args.out, steps=args.steps)
+
+
+def _connect_ray(args: argparse.Namespace, **local) -> None:
+    """RAY_ADDRESS or a job's cluster when set, else a local Ray. Quiet unless --verbose: no Ray start-up
+    lines, worker logs, Ray Data progress bars or Tune status tables -- errors still surface in full."""
+    import ray
+
+    verbose = getattr(args, "verbose", False)
+    ray.init(address=args.address, logging_level=logging.INFO if verbose else logging.WARNING,
+             log_to_driver=verbose, **({"dashboard_host": "127.0.0.1", **local} if args.address == "local" else {}))
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -257,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build of FAISS it tried
+    # Ours at INFO (what was dropped, where a run resumed); other libraries' INFO only with --verbose.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s")
+    logging.getLogger("optical_ray").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .config import ConfigError
     from .data import DataError
     from .e5s1 import E5S1FormatError

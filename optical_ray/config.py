@@ -340,6 +340,7 @@ class SweepConfig(Config):
     max_concurrent_trials: PositiveInt = 2
     cpus_per_trial: PositiveFloat = 1.0
     gpus_per_trial: NonNegativeFloat = 0.0  # > 0 trains each trial on a GPU (without it Ray hides the GPUs)
+    custom_resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # per trial, e.g. {trainer: 1}
     max_failures: Annotated[int, Field(ge=-1)] = 1  # retries of a failing trial from its checkpoint; -1: no limit
     seed: NonNegativeInt = 0
     storage_path: Uri = "runs/tune"  # local folder or s3://bucket/prefix

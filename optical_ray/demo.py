@@ -32,12 +32,11 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:
           "(OT + contrastive, teacher: student-init) ...", flush=True)
     cfg = load_config(DistillConfig, overrides={
         "output_dir": str(out / "distill"), "steps": steps,
-        # One worker using both cores; one CPU stays reserved for Ray Data's shuffle tasks.
-        "ray.num_workers": 1, "ray.cpus_per_worker": 1, "ray.torch_threads": 2,
+        "ray.num_workers": 1, "ray.cpus_per_worker": 2, "ray.torch_threads": 2,  # one worker, both cores
         "ray.storage_path": str((out / "ray").resolve()), "ray.name": "demo",
     })
     if not ray.is_initialized():
-        ray.init(num_cpus=2, dashboard_host="127.0.0.1")
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
     student_dir = Path(run_training(cfg))
 
     print("[3/3] evaluating the distilled student on test_2018 ...", flush=True)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, data, storage
+from .card import write_model_card
 from .config import DistillConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
@@ -267,5 +268,7 @@ def distill(cfg: DistillConfig, progress: bool = True,
     student, report = fit(cfg, run, progress=progress)
     write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
     with tempfile.TemporaryDirectory() as staging:
-        model_dir = Path(publish(student.save(Path(staging) / "student"), str(out / "student")))
+        folder = student.save(Path(staging) / "student")
+        write_model_card(folder, cfg, report)
+        model_dir = Path(publish(folder, str(out / "student")))
     return DistillResult(model_dir=model_dir, dev_report=report, history=run.history)

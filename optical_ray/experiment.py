@@ -163,6 +163,15 @@ def write_record(path: Path, record: dict) -> None:
     partial.replace(path)
 
 
+def sweep_key(sweep: SweepConfig) -> str:
+    """What a sweep record is keyed by: everything but where its trials run and write."""
+    fields = to_dict(sweep)
+    for where in ("storage_path", "custom_resources"):
+        fields.pop(where)
+    fields["distill"] = training_fields(sweep.distill)
+    return config_key(fields)
+
+
 class Runner:
     """Runs (or finds recorded) sweeps and runs; everything it returns is a record."""
 
@@ -207,10 +216,7 @@ class Runner:
         from .tune import run_sweep
 
         sweep = sweep_config(self.cfg, arm, teacher)
-        fields = to_dict(sweep)
-        fields.pop("storage_path")
-        fields["distill"] = training_fields(sweep.distill)
-        key = config_key(fields)
+        key = sweep_key(sweep)
         path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
         if path.exists():
             return json.loads(path.read_text())

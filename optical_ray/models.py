@@ -273,6 +273,7 @@ class Encoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path, safe_serialization=True)
+        _add_identity_pooler(path / "model.safetensors", self.dim)
         self.tokenizer.save_pretrained(path)
         name_tokenizer_class(path)
         modules = [
@@ -293,6 +294,23 @@ class Encoder(nn.Module):
         _write_json(path / "1_Pooling" / "config.json", pooling)
         (path / "2_Normalize").mkdir(exist_ok=True)
         return path
+
+
+def _add_identity_pooler(weights: Path, dim: int) -> None:
+    """Give the saved weights the pooler that ``AutoModel`` builds for BERT-like models: without it every
+    load reports "newly initialized" weights and tells the user to train on a downstream task. The
+    embedding is the mean of the token states, so the pooler is never used; identity + zero bias says so."""
+    from safetensors.torch import load_file, save_file
+
+    if not weights.is_file():
+        return
+    state = load_file(weights)
+    if "pooler.dense.weight" in state or not any(k.startswith("encoder.layer.") for k in state):
+        return
+    dtype = next(iter(state.values())).dtype
+    state["pooler.dense.weight"] = torch.eye(dim, dtype=dtype)
+    state["pooler.dense.bias"] = torch.zeros(dim, dtype=dtype)
+    save_file(state, weights, metadata={"format": "pt"})
 
 
 # transformers 5 writes "TokenizersBackend", a class transformers 4 (and servers pinned to it, such as

@@ -27,6 +27,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from . import checkpoints, data, storage
+from .card import write_model_card
 from .config import ConfigError, DistillConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
 from .evaluate import write_report
@@ -106,6 +107,7 @@ def export_student(cfg: DistillConfig, checkpoint: Checkpoint) -> str:
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:
         report = json.loads(Path(folder, checkpoints.DEV_REPORT).read_text())
         local = Encoder.load(folder, max_length=cfg.max_length).save(Path(staging) / "student")
+        write_model_card(local, cfg, report)
         write_report(report, Path(staging) / "dev", title=f"Dev retrieval after {cfg.steps} steps")
         dev = storage.join(cfg.output_dir, "dev")
         if storage.is_s3(cfg.output_dir):

@@ -33,6 +33,7 @@ import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
+from tqdm.auto import tqdm
 
 from . import checkpoints, storage
 from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
@@ -105,10 +106,11 @@ def check(cfg: SweepConfig) -> None:
         raise ConfigError(f"objective {cfg.objective} needs a low-resource language among distill.data.dev_languages")
 
 
-def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
+def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> tune.Tuner:
     check(cfg)
     filesystem, path = storage.resolve(cfg.storage_path)
-    resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {})}
+    resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {}),
+                 **cfg.custom_resources}
     trainable = tune.with_resources(run_trial, resources)
     experiment = storage.join(path, cfg.name)  # inside `filesystem`: no s3:// scheme
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
@@ -130,8 +132,35 @@ def make_tuner(cfg: SweepConfig, resume: bool = False) -> tune.Tuner:
                                                                      max_concurrent=cfg.max_concurrent_trials)),
         run_config=tune.RunConfig(name=cfg.name, storage_path=path, storage_filesystem=filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  # quiet: one bar of finished trials instead of Tune's status tables
+                                  verbose=1 if verbose else 0,
+                                  callbacks=[] if verbose else [TrialProgress(cfg.num_samples)]),
     )
+
+
+class TrialProgress(tune.Callback):
+    """A progress bar of finished trials, with the best dev objective so far."""
+
+    def __init__(self, num_samples: int):
+        self.total, self.bar, self.best = num_samples, None, None
+
+    def setup(self, **info) -> None:
+        self.bar = tqdm(total=self.total, desc="trials", unit="trial")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if "objective" in result and (self.best is None or result["objective"] > self.best):
+            self.best = result["objective"]
+            self.bar.set_postfix(best_objective=f"{self.best:.3f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.bar.update(1)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -142,9 +171,9 @@ class SweepResult:
     best_params: dict = field(default_factory=dict)  # the winning trial's knob values
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False) -> SweepResult:
+def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> SweepResult:
     """Run (or resume) the sweep on the connected Ray cluster and write its results."""
-    results = make_tuner(cfg, resume).fit()
+    results = make_tuner(cfg, resume, verbose).fit()
     rows = []
     for result in results:
         params = result.config or {}

@@ -76,3 +76,26 @@ def test_data_prepare_writes_bitext_shards_without_evaluation_images(tmp_path, c
     (out / "_SUCCESS.json").unlink()
     with pytest.raises(DataError, match="no _SUCCESS.json"):
         check_bitext_shards(str(out))
+
+
+def test_distill_prints_one_bar_and_a_table_not_ray_or_library_chatter(tmp_path, tiny_model_dir, tiny_teacher_dir):
+    """What a user sees from `optical-ray distill`: the step bar, the evaluation bar, the dev table and
+    where the student is -- fitting on one screen, with no Ray progress bars or library INFO lines."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "optical_ray.cli", "distill", "--set", f"student={tiny_model_dir}",
+         "--set", f"teacher={tiny_teacher_dir}", "--set", f"output_dir={tmp_path / 'run'}", "--set", "steps=4",
+         "--set", "batch_size=8", "--set", "max_length=32", "--set", "data.dev_languages=de,qu"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in (out.stdout + out.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    bars = {line.split(":")[0] for line in lines if "it/s" in line or "step/s" in line or "s/step" in line or "batch" in line}
+    assert "distill" in bars, lines
+    final = [line for line in lines if "|" not in line or line.startswith("|")]  # tqdm redraws collapse into bars
+    assert len(final) <= 24, "\n".join(final)
+    assert "| de | high |" in out.stdout and "student saved to" in out.stdout
+    noise = [line for line in lines if any(word in line for word in ("Running", "INFO ", "(pid=", "TrainingReport",
+                                                                      "faiss", "Ray", "Loading"))]
+    assert not noise, noise

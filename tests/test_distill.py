@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from optical_ray.config import ConfigError, DistillConfig, load_config
 from optical_ray.data import batches
@@ -28,6 +29,11 @@ def test_distill_trains_saves_and_reports(tmp_path, tiny_model_dir, tiny_teacher
     assert set(report["languages"]) == {"de", "qu"} and report["languages"]["de"]["n_queries"] == 300
     root = tmp_path / "run" / "student"
     assert result.model_dir.parent == root and (root / "LATEST").read_text().strip() == result.model_dir.name
+    card = (result.model_dir / "README.md").read_text()  # a model card, as sentence-transformers saves
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["pipeline_tag"] == "sentence-similarity" and "de" in front["language"] and "qu" in front["language"]
+    metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {f"R@1 {lang} -> en": round(report["languages"][lang]["R@1"], 4) for lang in ("de", "qu")}
     saved = Encoder.load(root)  # the root means its latest version
     start = Encoder.load(tiny_model_dir)
     changed = [n for (n, p), (_, q) in zip(saved.named_parameters(), start.named_parameters()) if not torch.equal(p, q)]

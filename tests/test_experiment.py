@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from conftest import REPO
 
 from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config
 from optical_ray.distill import load_bitext
@@ -124,3 +125,20 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     monkeypatch.setattr(optical_ray.tune, "run_sweep", refuse)
     again = run_experiment(cfg)
     assert again["tests"] == json.loads(json.dumps(results["tests"]))
+
+
+def test_the_committed_sweep_records_are_still_found_by_their_keys():
+    """A change to the configs' schema must not orphan finished work: every committed sweep record of
+    configs/experiment.yaml is found under the key this code computes for it (so a rerun skips it)."""
+    import json
+
+    from optical_ray.config import ExperimentConfig
+    from optical_ray.experiment import sweep_config, sweep_key
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
+    records = sorted((REPO / cfg.results_dir / "sweeps").glob("*.json"))
+    if not records:
+        pytest.skip("no sweep recorded yet")
+    for path in records:
+        record = json.loads(path.read_text())
+        assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"

@@ -40,7 +40,9 @@ def test_saved_model_loads_in_transformers_and_sentence_transformers(tiny_model_
     st = SentenceTransformer(str(out), device="cpu")
     np.testing.assert_allclose(st.encode(TEXTS, prompt_name="query"), ours, atol=1e-5)
 
-    model, tok = AutoModel.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    model, loading = AutoModel.from_pretrained(out, output_loading_info=True)
+    assert not any(loading.values()), loading  # no missing (pooler), unexpected or mismatched weights
+    tok = AutoTokenizer.from_pretrained(out)
     batch = tok(["query: " + t for t in TEXTS], padding=True, return_tensors="pt")
     with torch.no_grad():
         states = model(**batch).last_hidden_state

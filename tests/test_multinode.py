@@ -86,3 +86,52 @@ def test_a_job_that_loses_its_node_resumes_exactly(ray_cluster, s3, s3_bitext, w
     student = load_student(storage.join(cfg.output_dir, "student"))
     for (name, p), (_, q) in zip(reference.named_parameters(), student.named_parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_that_loses_its_node_finishes_every_trial(ray_cluster, s3, s3_bitext, worker_nodes, tiny_model_dir,
+                                                          tiny_teacher_dir):
+    """Both trials train on the worker node; it is killed once a trial has checkpointed (at its first dev
+    evaluation), a new node joins, and every trial still finishes all its steps: the failed ones are
+    restarted from their checkpoints (max_failures -1), not from step 0 and not dropped."""
+    import threading
+
+    from optical_ray.config import SweepConfig
+    from optical_ray.tune import run_sweep
+
+    first = worker_nodes.start()
+    bucket = s3["bucket"]
+    cfg = load_config(SweepConfig, {
+        "distill": {"student": str(tiny_model_dir), "teacher": str(tiny_teacher_dir), "steps": 120, "batch_size": 8,
+                    "eval_every": 30, "log_every": 10, "max_length": 32,
+                    "data": {"bitext": f"s3://{bucket}/bitext", "dev_languages": ["de", "qu"]}},
+        "search": {"sinkhorn_reg": [0.05, 0.5], "temperature": []}, "scheduler": "fifo", "num_samples": 2,
+        "max_concurrent_trials": 2, "cpus_per_trial": 0.5, "custom_resources": {"trainer": 1}, "max_failures": -1,
+        "storage_path": f"s3://{bucket}/tune", "name": "lost-node"})
+    outcome = {}
+
+    def sweep():
+        try:
+            outcome["result"] = run_sweep(cfg, verbose=False)
+        except BaseException as err:  # noqa: BLE001 -- reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+
+    def keys():
+        return [o["Key"] for o in s3["client"].list_objects_v2(Bucket=bucket, Prefix="tune/lost-node/").get("Contents", [])]
+
+    deadline = time.time() + 300
+    while not any("/checkpoint_" in k for k in keys()):
+        assert thread.is_alive(), outcome
+        assert time.time() < deadline, "no trial checkpoint within 300 s"
+        time.sleep(0.2)
+    time.sleep(1.5)
+    worker_nodes.kill(first)
+    worker_nodes.start()
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    rows = outcome["result"].trials.to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "OK" and r["steps"] == 120 for r in rows), rows
+    assert outcome["result"].best is not None

@@ -69,9 +69,11 @@ def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster
 
 
 def test_sweep_config_errors_name_the_key(tiny_model_dir):
-    with pytest.raises(ConfigError, match="objective must be one of low_r1, mean_r1, neg_gap"):
-        make_tuner(load_config(SweepConfig, {"objective": "best"}))
-    with pytest.raises(ConfigError, match="search.sinkhorn_reg must be"):
-        make_tuner(load_config(SweepConfig, {"search": {"sinkhorn_reg": [1.0, 0.1]}, "distill": {"eval_every": 5}}))
+    with pytest.raises(ConfigError, match="objective = 'best': input should be 'low_r1', 'mean_r1' or 'neg_gap'"):
+        load_config(SweepConfig, {"objective": "best"})
+    with pytest.raises(ConfigError, match=r"search.sinkhorn_reg = \[1.0, 0.1\]: must be \[\] or \[low, high\]"):
+        load_config(SweepConfig, {"search": {"sinkhorn_reg": [1.0, 0.1]}, "distill": {"eval_every": 5}})
+    with pytest.raises(ConfigError, match="search.sinkhorn_reg starts at 0.001: below 0.01 Sinkhorn does not converge"):
+        make_tuner(load_config(SweepConfig, {"search": {"sinkhorn_reg": [0.001, 0.1]}, "distill": {"eval_every": 5}}))
     with pytest.raises(ConfigError, match="eval_every must be > 0 for ASHA"):
         make_tuner(load_config(SweepConfig, {}))

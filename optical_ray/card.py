@@ -1,0 +1,60 @@
+"""The model card a saved student carries: README.md with Hugging Face front matter (languages, licence,
+base model, ``pipeline_tag: sentence-similarity``, and the per-language R@1 of its last evaluation as
+``model-index``), as sentence-transformers' saved models do, so a hub or a reader knows what it is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .config import DistillConfig
+
+# What the shipped starting points are, upstream.
+BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
+               "minilm-en": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
+
+
+def write_model_card(folder: str | Path, cfg: DistillConfig, report: dict) -> Path:
+    base, licence = BASE_MODELS.get(cfg.student, (None, "other"))
+    metrics = [{"type": "recall_at_1", "value": round(float(m["R@1"]), 4), "name": f"R@1 {lang} -> en"}
+               for lang, m in report.get("languages", {}).items()]
+    front = {
+        "language": sorted({"en", *cfg.data.languages}),
+        "license": licence,
+        **({"base_model": base} if base else {}),
+        "library_name": "sentence-transformers",
+        "pipeline_tag": "sentence-similarity",
+        "tags": ["sentence-transformers", "feature-extraction", "optical-ray", "knowledge-distillation"],
+        "model-index": [{"name": "optical-ray student", "results": [{
+            "task": {"type": "text-retrieval", "name": "Cross-lingual caption retrieval (query language -> English)"},
+            "dataset": {"type": "flickr30k-ml", "name": "dev split"},
+            "metrics": metrics,
+        }]}] if metrics else [],
+    }
+    weights = cfg.loss
+    body = f"""# optical-ray student
+
+A multilingual sentence encoder distilled with [optical-ray](https://github.com/optical-ray/optical-ray)
+from `{cfg.teacher}` into `{cfg.student}` on English <-> {", ".join(cfg.data.languages)} caption bitext:
+{cfg.steps} steps of {cfg.batch_size} pairs, loss weights OT {weights.ot_weight} (Sinkhorn ε {weights.sinkhorn_reg}),
+contrastive {weights.contrastive_weight} (τ {weights.temperature}), MSE {weights.mse_weight}.
+
+Mean-pooled, L2-normalised embeddings; prefix queries with the `query` prompt and documents with `passage`:
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("path/to/this/folder")
+queries = model.encode(["Ein Hund rennt über die Wiese."], prompt_name="query")
+passages = model.encode(["A dog runs across the meadow."], prompt_name="passage")
+```
+
+Dev R@1 of the last evaluation (queries in each language retrieving English captions of the same images):
+
+| language | R@1 |
+|---|---|
+""" + "".join(f"| {lang} | {m['R@1']:.3f} |\n" for lang, m in report.get("languages", {}).items())
+    path = Path(folder) / "README.md"
+    path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body)
+    return path
