@@ -8,6 +8,7 @@ the shipped models and the sample data bundled with the package.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import re
 import typing
@@ -209,10 +210,23 @@ def load_config(cls: type, source: str | Path | dict | None = None, overrides: d
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+    _drop_retired(raw, name)
     try:
         return cls.model_validate(_with_data_root(raw, name))
     except ValidationError as err:
         raise ConfigError(_describe(err, cls, name)) from None
+
+
+# Keys that older configs (and sweeps started with them) carry, and why they no longer mean anything.
+RETIRED = {("ray", "shuffle_buffer"): "the data order is a function of (seed, step), with no shuffle buffer"}
+
+
+def _drop_retired(raw: dict, name: str) -> None:
+    for node in (raw, raw.get("distill") if isinstance(raw.get("distill"), dict) else None):
+        for (section, key), why in RETIRED.items():
+            if isinstance(node, dict) and isinstance(node.get(section), dict) and key in node[section]:
+                del node[section][key]
+                logging.getLogger(__name__).warning("%s: %s.%s is ignored: %s", name, section, key, why)
 
 
 def derive(config: Config, overrides: dict) -> Config:

@@ -123,3 +123,13 @@ def test_derive_validates_overrides_like_a_file():
     assert derive(base, {"loss.temperature": 0.1}).loss.temperature == 0.1 and base.loss.temperature == 0.05
     with pytest.raises(ConfigError, match=r"<config>: loss.temperature = 0: input should be greater than 0"):
         derive(base, {"loss.temperature": 0})
+
+
+def test_a_retired_key_is_dropped_with_a_warning_not_refused(caplog):
+    """Sweeps and configs written before a key was retired still load (a restored Tune sweep replays
+    its stored config in every trial)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="optical_ray"):
+        cfg = load_config(DistillConfig, {"ray": {"shuffle_buffer": 2048, "num_workers": 2}})
+    assert cfg.ray.num_workers == 2 and "ray.shuffle_buffer is ignored" in caplog.text
