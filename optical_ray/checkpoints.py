@@ -52,11 +52,9 @@ def save(folder: str | os.PathLike, student, distiller, cfg: DistillConfig, dev_
 def restore(folder: str | os.PathLike, student, distiller, cfg: DistillConfig) -> dict:
     """Load a checkpoint into ``student`` and ``distiller``; returns its dev report ({} if none).
     A checkpoint of a run with a different config is refused, naming the keys that differ."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     check_same_run(json.loads((folder / RUN_CONFIG).read_text()), cfg, str(folder))
-    student.model.load_state_dict(load_file(folder / "model.safetensors", device=str(student.device)))
+    student.load_weights(folder)
     state = torch.load(folder / TRAIN_STATE, weights_only=True)
     distiller.load_state_dict(state)
     if state["pairs_consumed"] != distiller.step_count * cfg.batch_size:

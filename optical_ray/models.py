@@ -262,6 +262,16 @@ class Encoder(nn.Module):
         self.train(was_training)
         return out
 
+    def load_weights(self, folder: str | os.PathLike) -> None:
+        """Load the transformer weights a saved folder holds (strictly: every weight present, none else),
+        less the identity pooler that :meth:`save` adds for ``AutoModel`` and this encoder never uses."""
+        from safetensors.torch import load_file
+
+        state = load_file(Path(folder) / "model.safetensors", device=str(self.device))
+        if getattr(self.model, "pooler", None) is None:
+            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        self.model.load_state_dict(state)
+
     def freeze_word_embeddings(self) -> None:
         """Freeze the word-embedding matrix: for mE5-small it is 82% of the parameters, and training
         it makes a CPU step about 12x slower while the transformer layers do the aligning."""

@@ -157,6 +157,18 @@ def ray_cluster(s3, tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
 
 
+# `ray start` for a worker node. `ray start` refuses to join a second node while
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps every Ray process on 127.0.0.1 here); with it at 1,
+# the node's workers would take the machine's network address. So only this process believes it may
+# join a cluster; the raylet and workers it starts inherit 0 and stay on loopback.
+JOIN_AS_WORKER_NODE = ("import sys\n"
+                       "from ray._private import ray_constants\n"
+                       "ray_constants.ENABLE_RAY_CLUSTER = True\n"
+                       "from ray.scripts.scripts import main\n"
+                       "sys.argv[0] = 'ray'\n"
+                       "sys.exit(main())\n")
+
+
 @pytest.fixture
 def worker_nodes(ray_cluster, tmp_path):
     """Starts worker nodes -- separate `ray start` processes joining the session's head on 127.0.0.1,
@@ -172,7 +184,6 @@ def worker_nodes(ray_cluster, tmp_path):
 
     import ray
 
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     nodes = []
     # A joining node rewrites the head's address 127.0.0.1 (or "localhost") to the machine's network
     # address, where the loopback-only head does not listen: name the head by a host name that
@@ -191,7 +202,7 @@ def worker_nodes(ray_cluster, tmp_path):
         log = open(tmp_path / f"node-{len(nodes)}.log", "w")  # noqa: SIM115 -- the node writes to it while it lives
         low = 20000 + 1000 * len(nodes)  # worker ports apart from the head's (10002-19999)
         node = subprocess.Popen(
-            [ray_bin, "start", "--block", f"--address={head_address}", "--node-ip-address=127.0.0.1",
+            [sys.executable, "-c", JOIN_AS_WORKER_NODE, "start", "--block", f"--address={head_address}", "--node-ip-address=127.0.0.1",
              "--num-cpus=2", f'--resources={{"trainer": {trainer}}}', f"--object-store-memory={256 * 1024 ** 2}",
              "--disable-usage-stats", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
              f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -200,9 +211,7 @@ def worker_nodes(ray_cluster, tmp_path):
              # Its own folder, as on its own machine: nodes sharing one would clean up each other's
              # runtime_env packages (a job's working_dir vanished under it).
              f"--temp-dir={tempfile.mkdtemp(prefix='ray-node-')}"],  # short: socket paths are at most 107 bytes
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            # Ray refuses to join a second node unless this is 1; --node-ip-address keeps it on loopback.
-            env=dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1"))
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append(node)
         deadline = time.time() + 120
         while not live_trainer_nodes() - before:
@@ -210,6 +219,8 @@ def worker_nodes(ray_cluster, tmp_path):
                 raise AssertionError(f"worker node did not join: {(tmp_path / f'node-{len(nodes) - 1}.log').read_text()[-2000:]}")
             time.sleep(1)
         node.node_id = (live_trainer_nodes() - before).pop()
+        address = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node.node_id)
+        assert address == "127.0.0.1", f"the worker node is on {address}, not loopback"
         return node
 
     def kill(node: subprocess.Popen) -> None:
