@@ -184,6 +184,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> S
             "error": str(result.error).splitlines()[0][:300] if result.error else "",
             **{k: float(params[k]) for k in KNOBS if k in params},
             "steps": int(metrics.get("step", 0)),
+            # restarted from a checkpoint after a failure (a lost node, say): fewer reports since the restore
+            "restored": int(metrics.get("iterations_since_restore", 0)) < int(metrics.get("training_iteration", 0)),
             **{k: float(v) for k, v in metrics.items() if k == "objective" or k.startswith("dev_")},
         })
     trials = pa.Table.from_pylist(rows)

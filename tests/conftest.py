@@ -157,13 +157,15 @@ def ray_cluster(s3, tmp_path_factory):
         os.killpg(head.pid, signal.SIGKILL)
 
 
-# `ray start` for a worker node. `ray start` refuses to join a second node while
-# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps every Ray process on 127.0.0.1 here); with it at 1,
-# the node's workers would take the machine's network address. So only this process believes it may
-# join a cluster; the raylet and workers it starts inherit 0 and stay on loopback.
+# `ray start` for a worker node on this machine's loopback. `ray start` refuses to join a second node
+# while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (what keeps every Ray process on 127.0.0.1 here), and with
+# it at 1 it rewrites 127.0.0.1 -- the head's address and the node's own -- to the machine's network
+# address, where the loopback-only head does not listen. So only this launcher process may join a
+# cluster and keeps loopback addresses as given; the raylet and workers it starts inherit 0.
 JOIN_AS_WORKER_NODE = ("import sys\n"
-                       "from ray._private import ray_constants\n"
+                       "from ray._private import ray_constants, services\n"
                        "ray_constants.ENABLE_RAY_CLUSTER = True\n"
+                       "services.resolve_ip_for_localhost = lambda host: host\n"
                        "from ray.scripts.scripts import main\n"
                        "sys.argv[0] = 'ray'\n"
                        "sys.exit(main())\n")
@@ -176,7 +178,6 @@ def worker_nodes(ray_cluster, tmp_path):
     raylet, agents and workers, SIGKILL: a lost machine, not a shutdown). Every node left is killed
     at the end."""
     import signal
-    import socket
     import subprocess
     import sys
     import tempfile
@@ -185,14 +186,6 @@ def worker_nodes(ray_cluster, tmp_path):
     import ray
 
     nodes = []
-    # A joining node rewrites the head's address 127.0.0.1 (or "localhost") to the machine's network
-    # address, where the loopback-only head does not listen: name the head by a host name that
-    # resolves to 127.0.0.1 instead.
-    loopback_name = next((name for name in (socket.gethostname(), "vm", "runsc")
-                          if _resolves_to_loopback(name)), None)
-    if loopback_name is None:
-        pytest.skip("no host name other than localhost resolves to 127.0.0.1 here")
-    head_address = f"{loopback_name}:{ray_cluster['address'].rsplit(':', 1)[1]}"
 
     def live_trainer_nodes() -> set[str]:
         return {n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("trainer")}
@@ -202,7 +195,7 @@ def worker_nodes(ray_cluster, tmp_path):
         log = open(tmp_path / f"node-{len(nodes)}.log", "w")  # noqa: SIM115 -- the node writes to it while it lives
         low = 20000 + 1000 * len(nodes)  # worker ports apart from the head's (10002-19999)
         node = subprocess.Popen(
-            [sys.executable, "-c", JOIN_AS_WORKER_NODE, "start", "--block", f"--address={head_address}", "--node-ip-address=127.0.0.1",
+            [sys.executable, "-c", JOIN_AS_WORKER_NODE, "start", "--block", f"--address={ray_cluster['address']}", "--node-ip-address=127.0.0.1",
              "--num-cpus=2", f'--resources={{"trainer": {trainer}}}', f"--object-store-memory={256 * 1024 ** 2}",
              "--disable-usage-stats", f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
              f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
@@ -237,11 +230,3 @@ def worker_nodes(ray_cluster, tmp_path):
             os.killpg(node.pid, signal.SIGKILL)
             node.wait()
 
-
-def _resolves_to_loopback(name: str) -> bool:
-    import socket
-
-    try:
-        return socket.gethostbyname(name) == "127.0.0.1"
-    except OSError:
-        return False

@@ -134,4 +134,5 @@ def test_a_sweep_that_loses_its_node_finishes_every_trial(ray_cluster, s3, s3_bi
     assert not thread.is_alive() and "error" not in outcome, outcome
     rows = outcome["result"].trials.to_pylist()
     assert len(rows) == 2 and all(r["status"] == "OK" and r["steps"] == 120 for r in rows), rows
+    assert any(r["restored"] for r in rows), rows  # resumed from a checkpoint, not rerun from step 0
     assert outcome["result"].best is not None
