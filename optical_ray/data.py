@@ -223,6 +223,52 @@ def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, ra
             step += 1
 
 
+# Prepared bitext larger than this on disk is streamed a shard at a time instead of held in memory.
+STREAM_ABOVE_BYTES = 2 * 1024**3
+
+
+def stream_batches(files: list[str], rows: list[int], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                   world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+    """:func:`batches` for bitext shards too large to hold: a pure function of ``(seed, step)`` too, with
+    one shard in memory at a time.
+
+    Each epoch visits the shards in an order drawn from ``(seed, epoch)`` and each shard's rows in an
+    order drawn from ``(seed, epoch, shard)``; steps take consecutive ``batch_size`` rows of that sequence
+    (the epoch's remainder is dropped). ``rows`` are the shards' row counts, so ``start_step`` skips
+    straight to its shard without reading the ones before it: resuming replays no pair and skips none."""
+    total, local = sum(rows), batch_size // max(world, 1)
+    if total < batch_size:
+        raise ValueError(f"{total} bitext pairs cannot fill one batch of {batch_size}")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
+    per_epoch = total // batch_size
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        skip, position, english, translation = offset * batch_size, 0, [], []
+        for shard in np.random.default_rng([seed, epoch]).permutation(len(files)):
+            n = rows[shard]
+            if position + n <= skip:
+                position += n
+                continue
+            table = storage.read_parquet(files[shard])
+            order = np.random.default_rng([seed, epoch, int(shard)]).permutation(n)[max(0, skip - position):]
+            position += n
+            shard_english, shard_translation = table["english"].to_pylist(), table["translation"].to_pylist()
+            for j in order:
+                english.append(shard_english[j])
+                translation.append(shard_translation[j])
+                if len(english) == batch_size:
+                    first = rank * local
+                    yield english[first : first + local], translation[first : first + local]
+                    english, translation = [], []
+                    step += 1
+                    if step % per_epoch == 0:  # the epoch's last batch: its remainder is dropped
+                        break
+            if step // per_epoch != epoch:
+                break
+
+
 def image_ids(uris: list[str], drop_blank: bool = False) -> set[str]:
     """All image ids in the given caption tables (used to keep evaluation images out of training)."""
     if not uris:

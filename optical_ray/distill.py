@@ -51,6 +51,19 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
     return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
 
 
+def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: int = 1
+                     ) -> Iterator[tuple[list[str], list[str]]]:
+    """This worker's batches from ``start_step`` on: prepared shards larger than
+    ``data.STREAM_ABOVE_BYTES`` are streamed a shard at a time, anything smaller is held in memory and
+    shuffled whole. Either order is a function of (seed, step), so resuming is exact."""
+    if cfg.data.bitext:
+        files = data.check_bitext_shards(cfg.data.bitext)
+        if sum(storage.size(f) for f in files) > data.STREAM_ABOVE_BYTES:
+            rows = [storage.parquet_rows(f) for f in files]
+            return data.stream_batches(files, rows, cfg.batch_size, cfg.seed, start_step, rank, world)
+    return data.batches(load_bitext(cfg), cfg.batch_size, cfg.seed, start_step, rank, world)
+
+
 def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:
     """(student, frozen teacher). ``teacher: student-init`` is a frozen copy of the student's start."""
     student = Encoder.load(cfg.student, max_length=cfg.max_length).to(device)
@@ -189,7 +202,7 @@ def fit(cfg: DistillConfig, reporter: Reporter, *, rank: int = 0, world: int = 1
         if folder:
             report = checkpoints.restore(folder, student, distiller, cfg)
             log.info("resumed from step %d (%d pairs consumed)", distiller.step_count, distiller.step_count * cfg.batch_size)
-    stream = data.batches(load_bitext(cfg), cfg.batch_size, cfg.seed, distiller.step_count, rank, world)
+    stream = training_batches(cfg, distiller.step_count, rank, world)
     dev_captions = data.read_captions(cfg.data.dev, cfg.data.drop_blank) if rank == 0 else None
 
     first_step, start = distiller.step_count, time.perf_counter()

@@ -104,6 +104,27 @@ def read_parquet_schema(uri: str) -> pa.Schema:
         raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
 
 
+def parquet_rows(uri: str) -> int:
+    """The row count from a Parquet file's footer (reads only the footer)."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except FileNotFoundError as err:
+        raise StorageError(_not_found(fs, path, uri)) from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
+
+
+def size(uri: str) -> int:
+    """Bytes in a file."""
+    fs, path = resolve(uri)
+    info = _info(fs, path, uri)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(_not_found(fs, path, uri))
+    return info.size
+
+
 def write_parquet(table: pa.Table, uri: str) -> None:
     fs, path = resolve(uri)
     _makedirs(fs, path)

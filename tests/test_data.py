@@ -139,3 +139,40 @@ def test_distill_config_drop_blank_reaches_the_training_data(tmp_path):
         load_bitext(cfg)
     cfg.data.drop_blank = True
     assert sorted(load_bitext(cfg)["translation"].to_pylist()) == ["Allqu phawan.", "Eine Katze schläft.", "Zwei Kinder spielen."]
+
+
+def test_streamed_shards_resume_exactly_and_visit_every_pair_once_per_epoch(tmp_path):
+    """Bitext too large to hold is read a shard at a time; its order is still a function of (seed, step)."""
+    n = 230
+    table = pa.table({"english": [f"en {i}" for i in range(n)], "translation": [f"xx {i}" for i in range(n)]})
+    files = []
+    for k, start in enumerate(range(0, n, 60)):  # shards of 60, 60, 60 and 50 rows
+        files.append(write(tmp_path, table.slice(start, 60), f"part-{k}.parquet"))
+    rows = [storage.parquet_rows(f) for f in files]
+    assert rows == [60, 60, 60, 50]
+    stream = data.stream_batches(files, rows, 16, seed=5)
+    first = [next(stream) for _ in range(40)]  # 14 batches per epoch: crosses two epoch boundaries
+    epoch = [pair for english, _ in first[:14] for pair in english]
+    assert len(set(epoch)) == 14 * 16  # no pair twice within an epoch
+    for start in (3, 14, 20):
+        resumed = data.stream_batches(files, rows, 16, seed=5, start_step=start)
+        assert [next(resumed) for _ in range(40 - start)] == first[start:]
+    halves = [data.stream_batches(files, rows, 16, seed=5, start_step=7, rank=r, world=2) for r in range(2)]
+    for english, translation in first[7:12]:
+        (e0, t0), (e1, t1) = next(halves[0]), next(halves[1])
+        assert (e0 + e1, t0 + t1) == (english, translation)
+    assert next(data.stream_batches(files, rows, 16, seed=6)) != first[0]  # the seed decides the order
+
+
+def test_training_reads_shards_in_memory_or_streamed_by_size(tmp_path, monkeypatch):
+    from optical_ray.config import DistillConfig, load_config
+    from optical_ray.distill import training_batches
+
+    pairs, _ = data.bitext_pairs(data.read_captions(write(tmp_path, captions(ROWS * 20))), ["de", "qu"])
+    shards = data.write_bitext_shards(pairs, str(tmp_path / "bitext"), rows_per_shard=1)
+    cfg = load_config(DistillConfig, {"batch_size": 2, "data": {"bitext": str(tmp_path / "bitext")}})
+    held = next(training_batches(cfg, start_step=0))
+    assert held == next(data.batches(pairs, 2, cfg.seed))
+    monkeypatch.setattr(data, "STREAM_ABOVE_BYTES", 0)  # every shard set is now "too large"
+    rows = [storage.parquet_rows(f) for f in shards]
+    assert next(training_batches(cfg, start_step=1)) == next(data.stream_batches(shards, rows, 2, cfg.seed, start_step=1))
