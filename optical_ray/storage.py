@@ -94,22 +94,19 @@ def read_parquet(uri: str) -> pa.Table:
 
 def read_parquet_schema(uri: str) -> pa.Schema:
     """The schema from a Parquet file's footer (reads only the footer)."""
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_file(path) as f:
-            return pq.read_schema(f)
-    except FileNotFoundError as err:
-        raise StorageError(_not_found(fs, path, uri)) from err
-    except (pa.ArrowInvalid, OSError) as err:
-        raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
+    return _parquet_footer(uri).schema.to_arrow_schema()
 
 
 def parquet_rows(uri: str) -> int:
     """The row count from a Parquet file's footer (reads only the footer)."""
+    return _parquet_footer(uri).num_rows
+
+
+def _parquet_footer(uri: str) -> pq.FileMetaData:
     fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
+            return pq.ParquetFile(f).metadata
     except FileNotFoundError as err:
         raise StorageError(_not_found(fs, path, uri)) from err
     except (pa.ArrowInvalid, OSError) as err:
