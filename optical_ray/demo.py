@@ -12,12 +12,12 @@ from pathlib import Path
 import ray
 
 from . import data
-from .config import SAMPLE_DIR, DistillConfig, load_config
+from .config import HIGH_RESOURCE, LOW_RESOURCE, SAMPLE_DIR, DistillConfig, load_config
 from .evaluate import evaluate, write_report
 from .models import Encoder
 from .train import run_training
 
-TEST_LANGS = ["de", "fr", "es", "zh", "ay", "gn", "qu"]
+TEST_LANGS = [*HIGH_RESOURCE, *LOW_RESOURCE]
 
 
 def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:

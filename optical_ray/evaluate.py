@@ -8,17 +8,16 @@ gap: mean R@1 of the high group minus mean R@1 of the low group.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from . import metrics
+from .config import HIGH_RESOURCE, LOW_RESOURCE
 from .data import corpus_captions, query_captions, source_caption_rows
 from .models import Encoder
-
-HIGH_RESOURCE = ["de", "fr", "es", "zh"]
-LOW_RESOURCE = ["ay", "gn", "qu"]
 
 
 def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
@@ -47,8 +46,8 @@ def rank_queries(encoder: Encoder, captions: pa.Table, query_langs: list[str], c
     return ranks
 
 
-def build_report(ranks: dict[str, np.ndarray], high: list[str] = HIGH_RESOURCE,
-                 low: list[str] = LOW_RESOURCE) -> dict:
+def build_report(ranks: dict[str, np.ndarray], high: Sequence[str] = HIGH_RESOURCE,
+                 low: Sequence[str] = LOW_RESOURCE) -> dict:
     """The report.json structure; the gap covers the group members that were evaluated."""
     languages = {lang: metrics.retrieval_metrics(r) for lang, r in ranks.items()}
     high = [lang for lang in high if lang in languages]
@@ -60,7 +59,7 @@ def build_report(ranks: dict[str, np.ndarray], high: list[str] = HIGH_RESOURCE,
 
 
 def evaluate(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
-             high: list[str] = HIGH_RESOURCE, low: list[str] = LOW_RESOURCE, batch_size: int = 64,
+             high: Sequence[str] = HIGH_RESOURCE, low: Sequence[str] = LOW_RESOURCE, batch_size: int = 64,
              progress: bool = True) -> dict:
     ranks = rank_queries(encoder, captions, query_langs, corpus_lang, batch_size, progress)
     return build_report(ranks, high, low)

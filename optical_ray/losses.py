@@ -115,13 +115,13 @@ class LossWeights:
 class DistillationObjective(nn.Module):
     """Weighted sum of the three losses; a zero weight skips that loss's computation entirely."""
 
-    def __init__(self, weights: LossWeights, ot_reg: float = 0.05, temperature: float = 0.05,
+    def __init__(self, weights: LossWeights, sinkhorn_reg: float = 0.05, temperature: float = 0.05,
                  sinkhorn_iters: int = MAX_ITER):
         super().__init__()
         if not any((weights.ot, weights.contrastive, weights.mse)):
             raise ValueError("all loss weights are zero: nothing to train")
         self.weights = weights
-        self.ot = OTDistillationLoss(ot_reg, sinkhorn_iters)
+        self.ot = OTDistillationLoss(sinkhorn_reg, sinkhorn_iters)
         self.contrastive = ContrastiveLoss(temperature)
         self.mse = MSEDistillationLoss()
 

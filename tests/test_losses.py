@@ -65,7 +65,7 @@ def test_objective_sums_weighted_parts_and_skips_zero_weights():
     g = torch.Generator().manual_seed(1)
     t = output(torch.randn(4, 5, 8, generator=g), torch.ones(4, 5, dtype=torch.bool))
     s = output(torch.randn(4, 6, 8, generator=g), torch.ones(4, 6, dtype=torch.bool))
-    total, parts = DistillationObjective(LossWeights(ot=2.0, contrastive=0.5, mse=0.0), ot_reg=0.1, temperature=0.1)(t, s)
+    total, parts = DistillationObjective(LossWeights(ot=2.0, contrastive=0.5, mse=0.0), sinkhorn_reg=0.1, temperature=0.1)(t, s)
     assert set(parts) == {"ot", "contrastive"}
     assert float(total) == pytest.approx(2.0 * parts["ot"] + 0.5 * parts["contrastive"], rel=1e-5)
     with pytest.raises(ValueError, match="needs the student's encoding of the English side"):
@@ -120,7 +120,7 @@ def test_losses_stay_float32_under_bf16_autocast():
     teacher = output(torch.randn(4, 9, 64, generator=g), mask)
     student = output(torch.randn(4, 9, 64, generator=g), mask)
     student_en = output(torch.randn(4, 9, 64, generator=g), mask)
-    objective = DistillationObjective(LossWeights(ot=1.0, contrastive=1.0, mse=1.0), ot_reg=0.05, temperature=0.02)
+    objective = DistillationObjective(LossWeights(ot=1.0, contrastive=1.0, mse=1.0), sinkhorn_reg=0.05, temperature=0.02)
     reference, ref_parts = objective(teacher, student, student_en)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.bfloat16  # autocast is really on
