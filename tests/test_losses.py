@@ -91,6 +91,7 @@ def _gathered_worker(rank, world, port, queries, keys, tau, out_path):
     dist.all_reduce(mean_loss)
     if rank == 0:
         np.savez(out_path, loss=float(mean_loss) / world, grads=grads.numpy())
+    dist.barrier()  # neither tears gloo down while the other still talks to it (SIGABRT otherwise)
     dist.destroy_process_group()
 
 

@@ -19,7 +19,7 @@ from optical_ray.models import Encoder
 from optical_ray.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS, CHECKPOINT_EVERY = 240, 40
+STEPS, CHECKPOINT_EVERY = 160, 40
 
 
 def node_loss_config(student, teacher, bucket, run) -> DistillConfig:
@@ -102,8 +102,8 @@ def test_a_sweep_that_loses_its_node_finishes_every_trial(ray_cluster, s3, s3_bi
     first = worker_nodes.start()
     bucket = s3["bucket"]
     cfg = load_config(SweepConfig, {
-        "distill": {"student": str(tiny_model_dir), "teacher": str(tiny_teacher_dir), "steps": 120, "batch_size": 8,
-                    "eval_every": 30, "log_every": 10, "max_length": 32,
+        "distill": {"student": str(tiny_model_dir), "teacher": str(tiny_teacher_dir), "steps": 80, "batch_size": 8,
+                    "eval_every": 20, "log_every": 10, "max_length": 32,
                     "data": {"bitext": f"s3://{bucket}/bitext", "dev_languages": ["de", "qu"]}},
         "search": {"sinkhorn_reg": [0.05, 0.5], "temperature": []}, "scheduler": "fifo", "num_samples": 2,
         "max_concurrent_trials": 2, "cpus_per_trial": 0.5, "custom_resources": {"trainer": 1}, "max_failures": -1,
@@ -133,6 +133,6 @@ def test_a_sweep_that_loses_its_node_finishes_every_trial(ray_cluster, s3, s3_bi
     thread.join(timeout=600)
     assert not thread.is_alive() and "error" not in outcome, outcome
     rows = outcome["result"].trials.to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "OK" and r["steps"] == 120 for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "OK" and r["steps"] == 80 for r in rows), rows
     assert any(r["restored"] for r in rows), rows  # resumed from a checkpoint, not rerun from step 0
     assert outcome["result"].best is not None
