@@ -1,4 +1,4 @@
-"""Ray Train and Ray Data benchmarks (issue: distributed distillation). Run by hand:
+"""Ray Train and Ray Data benchmarks (issues: distributed distillation, speed against peers). Run by hand:
 
     .venv/bin/python bench/bench_train.py [--steps 30]
 
@@ -72,6 +72,14 @@ def main() -> None:
             "data": {"dev_languages": ["de"], "dev": [SHARED + "/multi30k_task1_val.parquet"]},
             "output_dir": f"{work}/out"}
 
+    # The S3 endpoint first: Ray's workers take the AWS_* variables from the environment Ray starts in.
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
+                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
 
     # [1] Ray Train, 1 worker using 2 threads, vs the plain loop with 2 threads.
@@ -87,13 +95,6 @@ def main() -> None:
     print(f"[3] Ray Train 2 workers x 1 thread {two:.2f} pairs/s vs 1 worker x 2 threads {one:.2f} -> {two / one:.2f}x")
 
     # [2] Ray Data: bitext shards from S3 (moto on loopback) vs local Parquet.
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1",
-                      AWS_ENDPOINT_URL=f"http://{host}:{port}")
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="bench-bitext")
