@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = data.add_parser("build", help="upstream repositories' files -> the caption tables (Parquet)",
                         description="Rebuild the caption tables of ../shared/data/flickr30k-ml from checkouts of "
-                                    "the repositories it names (README: Data): Multi30k (github.com/multi30k/dataset), "
+                                    "the repositories it names (README: The data): Multi30k (github.com/multi30k/dataset), "
                                     "MultiScript30k (github.com/ufdatastudio/multi30k-extension), IGLUE "
                                     "(github.com/e-bug/iglue) and the Dutch descriptions (github.com/cltl/DutchDescriptions). "
                                     "Give any of them; each table is written as <out>/<name>.parquet.")

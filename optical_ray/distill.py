@@ -61,7 +61,10 @@ def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: 
         if sum(storage.size(f) for f in files) > data.STREAM_ABOVE_BYTES:
             rows = [storage.parquet_rows(f) for f in files]
             return data.stream_batches(files, rows, cfg.batch_size, cfg.seed, start_step, rank, world)
-    return data.batches(load_bitext(cfg), cfg.batch_size, cfg.seed, start_step, rank, world)
+        pairs = pa.concat_tables([storage.read_parquet(f) for f in files])  # checked once, just above
+    else:
+        pairs = load_bitext(cfg)
+    return data.batches(pairs, cfg.batch_size, cfg.seed, start_step, rank, world)
 
 
 def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:
