@@ -84,7 +84,6 @@ def measure_distill(model_dir: Path, arm: str, batch_size: int, device: torch.de
                                                "mse_weight": weights.mse}})
     student, teacher = load_models(cfg, device)
     distiller = Distiller(cfg, student, teacher)
-    distiller.autocast = device.type == "cuda" and cfg.bf16
     stream = batches(load_bitext(cfg), batch_size, seed=0)
     for _ in range(3):  # warm-up: kernels, allocator
         distiller.step(*next(stream))

@@ -8,37 +8,38 @@ from pathlib import Path
 
 import yaml
 
-from .config import DistillConfig
+from .config import DistillConfig, TeacherConfig, TrainingConfig
 
 # What the shipped starting points are, upstream.
 BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
                "minilm-en": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
 
 
-def write_model_card(folder: str | Path, cfg: DistillConfig, report: dict) -> Path:
+def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> Path:
     base, licence = BASE_MODELS.get(cfg.student, (None, "other"))
+    if isinstance(cfg, TeacherConfig):
+        languages, title, tag, what = [cfg.data.lang], "optical-ray teacher", "caption-retrieval", teacher_summary(cfg)
+    else:
+        languages, title, tag, what = ["en", *cfg.data.languages], "optical-ray student", "knowledge-distillation", \
+            student_summary(cfg)
     metrics = [{"type": "recall_at_1", "value": round(float(m["R@1"]), 4), "name": f"R@1 {lang} -> en"}
                for lang, m in report.get("languages", {}).items()]
     front = {
-        "language": sorted({"en", *cfg.data.languages}),
+        "language": sorted(set(languages)),
         "license": licence,
         **({"base_model": base} if base else {}),
         "library_name": "sentence-transformers",
         "pipeline_tag": "sentence-similarity",
-        "tags": ["sentence-transformers", "feature-extraction", "optical-ray", "knowledge-distillation"],
-        "model-index": [{"name": "optical-ray student", "results": [{
+        "tags": ["sentence-transformers", "feature-extraction", "optical-ray", tag],
+        "model-index": [{"name": title, "results": [{
             "task": {"type": "text-retrieval", "name": "Cross-lingual caption retrieval (query language -> English)"},
             "dataset": {"type": "flickr30k-ml", "name": "dev split"},
             "metrics": metrics,
         }]}] if metrics else [],
     }
-    weights = cfg.loss
-    body = f"""# optical-ray student
+    body = f"""# {title}
 
-A multilingual sentence encoder distilled with [optical-ray](https://github.com/optical-ray/optical-ray)
-from `{cfg.teacher}` into `{cfg.student}` on English <-> {", ".join(cfg.data.languages)} caption bitext:
-{cfg.steps} steps of {cfg.batch_size} pairs, loss weights OT {weights.ot_weight} (Sinkhorn ε {weights.sinkhorn_reg}),
-contrastive {weights.contrastive_weight} (τ {weights.temperature}), MSE {weights.mse_weight}.
+{what}
 
 Mean-pooled, L2-normalised embeddings; prefix queries with the `query` prompt and documents with `passage`:
 
@@ -50,7 +51,7 @@ queries = model.encode(["Ein Hund rennt über die Wiese."], prompt_name="query")
 passages = model.encode(["A dog runs across the meadow."], prompt_name="passage")
 ```
 
-Dev R@1 of the last evaluation (queries in each language retrieving English captions of the same images):
+Dev R@1 of the last evaluation (queries in each language retrieving {languages[0]} captions of the same images):
 
 | language | R@1 |
 |---|---|
@@ -58,3 +59,18 @@ Dev R@1 of the last evaluation (queries in each language retrieving English capt
     path = Path(folder) / "README.md"
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body)
     return path
+
+
+def student_summary(cfg: DistillConfig) -> str:
+    weights = cfg.loss
+    return f"""A multilingual sentence encoder distilled with [optical-ray](https://github.com/optical-ray/optical-ray)
+from `{cfg.teacher}` into `{cfg.student}` on English <-> {", ".join(cfg.data.languages)} caption bitext:
+{cfg.steps} steps of {cfg.batch_size} pairs, loss weights OT {weights.ot_weight} (Sinkhorn ε {weights.sinkhorn_reg}),
+contrastive {weights.contrastive_weight} (τ {weights.temperature}), MSE {weights.mse_weight}."""
+
+
+def teacher_summary(cfg: TeacherConfig) -> str:
+    return f"""`{cfg.student}` fine-tuned with [optical-ray](https://github.com/optical-ray/optical-ray) on
+{cfg.data.lang} caption<->caption retrieval (two captions of the same image are a positive pair, InfoNCE
+with in-batch negatives, τ {cfg.temperature}): {cfg.steps} steps of {cfg.batch_size} pairs. A teacher to
+distil multilingual students from (`teacher:` in a distillation config)."""

@@ -141,9 +141,38 @@ class RayConfig(Config):
     num_to_keep: PositiveInt = 2  # the latest checkpoints kept
 
 
-class DistillConfig(Config):
-    student: str = "student-init"  # shipped model name or model folder
-    teacher: str = "student-init"  # "student-init" (frozen copy of the start) or "minilm-en"
+class TestSet(Config):
+    """One evaluation: queries in each language against the English captions of the same images.
+
+    ``protocol``: ``translation`` (the query translates one of the corpus captions), ``semantic`` (that
+    caption is masked out, so the query must match the image's *other* captions) or ``independent``
+    (the queries are descriptions written without seeing the English). ``groups`` name language sets;
+    each gap in ``gaps`` is [higher group, lower group].
+    """
+
+    __test__ = False  # not a pytest test class
+
+    name: str = "test_2018"
+    protocol: Literal["translation", "semantic", "independent"] = "translation"
+    data: Uris = Field(default_factory=lambda: _sample("test_2018_captions.parquet"))
+    exclude_images_from: Uris = Field(default_factory=list)  # e.g. the dev split
+    query_langs: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
+    groups: dict[str, list[str]] = Field(default_factory=lambda: {"high": list(HIGH_RESOURCE), "low": list(LOW_RESOURCE)})
+    gaps: dict[str, list[str]] = Field(default_factory=lambda: {"low": ["high", "low"]})
+
+    @model_validator(mode="after")
+    def _gaps_between_groups(self) -> TestSet:
+        for gap, pair in self.gaps.items():
+            unknown = [g for g in pair if g not in self.groups]
+            if len(pair) != 2 or unknown:
+                raise ValueError(f"gaps.{gap} must name two of the groups ({', '.join(self.groups)}), got {pair}")
+        return self
+
+
+class TrainingConfig(Config):
+    """What every training run has: the encoder it starts from, the schedule, the optimizer, Ray."""
+
+    student: str = "student-init"  # shipped model name or model folder: the encoder trained
     output_dir: Uri = "runs/distill"
     steps: PositiveInt = 200
     batch_size: PositiveInt = 32
@@ -157,28 +186,68 @@ class DistillConfig(Config):
     eval_batch_size: PositiveInt = 64
     log_every: PositiveInt = 10
     bf16: StrictBool = True  # bf16 autocast when training on CUDA; ignored on CPU
-    data: DataConfig = Field(default_factory=DataConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
+class DistillConfig(TrainingConfig):
+    """`optical-ray distill` / `train`: the student learns from a frozen teacher on English<->L bitext."""
+
+    teacher: str = "student-init"  # "student-init" (frozen copy of the start), "minilm-en" or a model folder
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class CaptionDataConfig(Config):
+    # Caption tables with several captions per image in `lang` (Flickr30k's five English ones).
+    train: Uris = Field(default_factory=lambda: _sample("train_english_captions.parquet"))
+    lang: str = "en"
+    # Images in these tables never enter training: every image any evaluation uses.
+    exclude_images_from: Uris = Field(default_factory=lambda: _sample("val_captions.parquet", "test_2018_captions.parquet"))
+    # Dev set: each caption retrieves the *other* captions of its image (its own is masked out).
+    dev: Uris = Field(default_factory=lambda: _sample("val_english_captions.parquet"))
+    drop_blank: StrictBool = False
+
+
+class CaptionSet(Config):
+    """Caption tables to evaluate on, less the images of ``exclude_images_from`` (e.g. the dev split)."""
+
+    name: str
+    data: Uris
+    exclude_images_from: Uris = Field(default_factory=list)
+
+
+class TeacherConfig(TrainingConfig):
+    """`optical-ray teacher`: an encoder fine-tuned on caption<->caption retrieval in one language (two
+    captions of the same image are a positive pair, the batch's others negatives), to distil from.
+
+    OPTICAL's teacher already knows query-document matching in English; a frozen copy of the student's
+    start does not, so distilling from it can only teach translation matching."""
+
+    output_dir: Uri = "runs/teacher"
+    data: CaptionDataConfig = Field(default_factory=CaptionDataConfig)
+    temperature: PositiveFloat = 0.05  # tau of the InfoNCE logits
+    ray: RayConfig = Field(default_factory=lambda: RayConfig(name="teacher"))
+    # Evaluated before and after training like the dev set (not part of what is trained).
+    test_sets: list[CaptionSet] = Field(default_factory=list)
+
+
 # Where a run writes and how often it saves: not part of what it trains.
-NOT_TRAINING = ("output_dir", "ray", "checkpoint_every")
+NOT_TRAINING = ("output_dir", "ray", "checkpoint_every", "test_sets")
 
 
-def training_fields(cfg: DistillConfig) -> dict:
+def training_fields(cfg: TrainingConfig) -> dict:
     """What decides a trained student: two configs with equal fields train the same weights. Resuming
     is refused when they differ, and experiment records are keyed by them."""
     fields = to_dict(cfg)
     for key in NOT_TRAINING:
-        fields.pop(key)
+        fields.pop(key, None)
     if not fields["data"]["drop_blank"]:  # added later: at its default, keys stay those of earlier records
         del fields["data"]["drop_blank"]
     return fields
 
 
-def with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
+def with_absolute_paths(cfg: TrainingConfig) -> TrainingConfig:
     """A copy whose local paths are absolute: Ray Train workers and Tune trials run in other working
     directories, where a path relative to the submitting shell means nothing. s3:// URIs and shipped
     model names are left as they are."""
@@ -188,9 +257,12 @@ def with_absolute_paths(cfg: DistillConfig) -> DistillConfig:
     cfg = copy.deepcopy(cfg)
     d = cfg.data
     d.train, d.dev, d.exclude_images_from = [fix(p) for p in d.train], [fix(p) for p in d.dev], [fix(p) for p in d.exclude_images_from]
-    d.bitext = fix(d.bitext) if d.bitext else None
+    if getattr(d, "bitext", None):
+        d.bitext = fix(d.bitext)
     cfg.output_dir, cfg.ray.storage_path = fix(cfg.output_dir), fix(cfg.ray.storage_path)
-    cfg.student, cfg.teacher = (fix(m) if os.path.exists(m) else m for m in (cfg.student, cfg.teacher))
+    for model in ("student", "teacher"):
+        if hasattr(cfg, model) and os.path.exists(getattr(cfg, model)):
+            setattr(cfg, model, fix(getattr(cfg, model)))
     return cfg
 
 
@@ -364,34 +436,6 @@ class SweepConfig(Config):
     seed: NonNegativeInt = 0
     storage_path: Uri = "runs/tune"  # local folder or s3://bucket/prefix
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "sweep"  # same name + storage: resume
-
-
-class TestSet(Config):
-    """One evaluation: queries in each language against the English captions of the same images.
-
-    ``protocol``: ``translation`` (the query translates one of the corpus captions), ``semantic`` (that
-    caption is masked out, so the query must match the image's *other* captions) or ``independent``
-    (the queries are descriptions written without seeing the English). ``groups`` name language sets;
-    each gap in ``gaps`` is [higher group, lower group].
-    """
-
-    __test__ = False  # not a pytest test class
-
-    name: str = "test_2018"
-    protocol: Literal["translation", "semantic", "independent"] = "translation"
-    data: Uris = Field(default_factory=lambda: _sample("test_2018_captions.parquet"))
-    exclude_images_from: Uris = Field(default_factory=list)  # e.g. the dev split
-    query_langs: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
-    groups: dict[str, list[str]] = Field(default_factory=lambda: {"high": list(HIGH_RESOURCE), "low": list(LOW_RESOURCE)})
-    gaps: dict[str, list[str]] = Field(default_factory=lambda: {"low": ["high", "low"]})
-
-    @model_validator(mode="after")
-    def _gaps_between_groups(self) -> TestSet:
-        for gap, pair in self.gaps.items():
-            unknown = [g for g in pair if g not in self.groups]
-            if len(pair) != 2 or unknown:
-                raise ValueError(f"gaps.{gap} must name two of the groups ({', '.join(self.groups)}), got {pair}")
-        return self
 
 
 class ExperimentConfig(Config):

@@ -154,6 +154,28 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
     return pairs, report
 
 
+def caption_pairs(captions: pa.Table, lang: str = "en", exclude_images: set[str] | None = None) -> pa.Table:
+    """(query, passage) pairs of two captions of the same image in ``lang``: each caption paired with
+    its image's next one (the last with the first), so every caption is a query once and a passage
+    once per epoch. Images in ``exclude_images`` and images with a single caption give no pairs."""
+    rows = captions.filter(pc.equal(captions["lang"], lang))
+    if exclude_images:
+        rows = rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=pa.array(sorted(exclude_images)))))
+    rows = _unique_rows(rows.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
+    rows = rows.sort_by([("image_id", "ascending"), ("caption_idx", "ascending")])
+    images, texts = rows["image_id"].to_numpy(zero_copy_only=False), rows["text"].to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
+    sizes = np.diff(np.r_[starts, len(images)])
+    # Within each image of n captions, row i pairs with row (i + 1) mod n.
+    first = np.repeat(starts, sizes)
+    nxt = first + (np.arange(len(images)) - first + 1) % np.repeat(sizes, sizes)
+    keep = np.repeat(sizes, sizes) > 1
+    if not keep.any():
+        raise DataError(f"no image has two {lang!r} captions in the given tables: no caption pairs to train on")
+    idx = np.flatnonzero(keep)
+    return pa.table({"image_id": images[idx], "query": texts[idx], "passage": texts[nxt[idx]]})
+
+
 PREPARED_MARKER = "_SUCCESS.json"
 
 
@@ -196,9 +218,10 @@ def check_bitext_shards(uri: str) -> list[str]:
     return files
 
 
-def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1
-            ) -> Iterator[tuple[list[str], list[str]]]:
-    """Endless (english, translation) training batches, a pure function of ``(seed, step)``.
+def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
+            columns: tuple[str, str] = ("english", "translation")) -> Iterator[tuple[list[str], list[str]]]:
+    """Endless training batches of the two ``columns`` (bitext: english, translation), a pure function
+    of ``(seed, step)``.
 
     Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step takes the next
     ``batch_size`` pairs of it (the epoch's remainder is dropped). Starting at ``start_step`` yields
@@ -209,8 +232,8 @@ def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, ra
         raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
-    english = pairs["english"].to_pylist()
-    translation = pairs["translation"].to_pylist()
+    english = pairs[columns[0]].to_pylist()
+    translation = pairs[columns[1]].to_pylist()
     per_epoch, local = len(english) // batch_size, batch_size // world
     step = start_step
     while True:

@@ -1,8 +1,9 @@
-"""The distillation loop, written once: bitext pairs -> teacher (frozen) + student -> objective ->
+"""The training loop, written once: sentence pairs -> student (and a frozen teacher) -> objective ->
 AdamW, with dev evaluations, checkpoints and exact resume.
 
-:func:`fit` is the loop. Where it runs decides only its :class:`Reporter` -- where metrics and
-checkpoints go and which checkpoint to resume from: :class:`LocalRun` for the single-process
+:func:`fit` is the loop; a :class:`Learner` is what it trains: :class:`Distiller` (bitext, from a
+teacher) or :class:`optical_ray.teacher.CaptionRetrieval` (training that teacher). Where it runs
+decides only its :class:`Reporter` -- where metrics and checkpoints go and which checkpoint to resume from: :class:`LocalRun` for the single-process
 :func:`distill` (a folder), Ray Train's worker in :mod:`optical_ray.train`, a Tune trial in
 :mod:`optical_ray.tune`.
 """
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, data, storage
 from .card import write_model_card
-from .config import DistillConfig, save_config
+from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
 from .models import Encoder, EncoderOutput, publish
@@ -86,37 +87,45 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class Distiller:
-    """One training step at a time. ``model`` is what the forward pass runs -- the student itself,
-    or its DDP wrapper under Ray Train -- while ``student`` is used for tokenising and saving."""
+class Learner:
+    """What :func:`fit` trains, one optimisation step at a time: the student, its loss on a batch of
+    sentence pairs, its batches and its dev evaluation. ``model`` is what the forward pass runs -- the
+    student itself, or its DDP wrapper under Ray Train -- while ``student`` tokenises and saves.
 
-    def __init__(self, cfg: DistillConfig, student: Encoder, teacher: Encoder, model: torch.nn.Module | None = None):
-        self.cfg, self.student, self.teacher = cfg, student, teacher
+    Subclasses: :class:`Distiller` (bitext, from a frozen teacher) and
+    :class:`optical_ray.teacher.CaptionRetrieval` (a teacher trained on caption pairs)."""
+
+    def __init__(self, cfg: TrainingConfig, student: Encoder, model: torch.nn.Module | None = None):
+        self.cfg, self.student = cfg, student
         self.model = model if model is not None else student
-        weights = LossWeights(cfg.loss.ot_weight, cfg.loss.contrastive_weight, cfg.loss.mse_weight)
-        self.objective = DistillationObjective(weights, cfg.loss.sinkhorn_reg, cfg.loss.temperature, cfg.loss.sinkhorn_iters)
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = linear_warmup_decay(self.optimizer, cfg.optim.warmup_steps, cfg.steps)
         self.step_count = 0
-        self.autocast = student.device.type == "cuda" and cfg.bf16
+        # bf16 autocast on CUDA (CPU bf16 matmuls are slower than float32 on most CPUs); settable for tests.
+        self.bf16 = student.device.type == "cuda" and cfg.bf16
 
-    def step(self, english: list[str], translation: list[str]) -> dict[str, float]:
+    @classmethod
+    def create(cls, cfg: TrainingConfig, device: torch.device, wrap: Callable[[Encoder], torch.nn.Module] | None = None
+               ) -> Learner:
+        raise NotImplementedError
+
+    def loss(self, first: list[str], second: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+        raise NotImplementedError
+
+    def dev_captions(self) -> pa.Table:
+        raise NotImplementedError
+
+    def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:
+        raise NotImplementedError
+
+    def step(self, first: list[str], second: list[str]) -> dict[str, float]:
         self.model.train()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            # Each side is encoded as retrieval will use it: translations are queries, English
-            # sentences are the corpus (E5's "passage:"). Teaching translations to match English
-            # *queries* would pull them away from what the index holds.
-            with torch.no_grad():
-                teacher_out = self.teacher(self.teacher.tokenize(english, "passage"))
-            if self.objective.needs_student_english:
-                # One forward pass over both sides: DDP expects one forward per backward.
-                prompts = ["query"] * len(translation) + ["passage"] * len(english)
-                both = self.model(self.student.tokenize(translation + english, prompts))
-                student_out, student_en = split_output(both, len(translation))
-            else:
-                student_out, student_en = self.model(self.student.tokenize(translation, "query")), None
-            loss, parts = self.objective(teacher_out, student_out, student_en)
+        with torch.autocast(self.student.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, parts = self.loss(first, second)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step_count}: loss is {float(loss)} ({parts})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -135,6 +144,53 @@ class Distiller:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step_count = int(state["step"])
+
+
+class Distiller(Learner):
+    """Distillation on (english, translation) bitext: the student's translation against the frozen
+    teacher's English, with the OT / contrastive / MSE objective of :mod:`optical_ray.losses`."""
+
+    def __init__(self, cfg: DistillConfig, student: Encoder, teacher: Encoder, model: torch.nn.Module | None = None):
+        super().__init__(cfg, student, model)
+        self.teacher = teacher
+        weights = LossWeights(cfg.loss.ot_weight, cfg.loss.contrastive_weight, cfg.loss.mse_weight)
+        self.objective = DistillationObjective(weights, cfg.loss.sinkhorn_reg, cfg.loss.temperature, cfg.loss.sinkhorn_iters)
+
+    @classmethod
+    def create(cls, cfg: DistillConfig, device: torch.device, wrap=None) -> Distiller:
+        student, teacher = load_models(cfg, device)
+        return cls(cfg, student, teacher, model=wrap(student) if wrap else None)
+
+    def loss(self, english: list[str], translation: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+        # Each side is encoded as retrieval will use it: translations are queries, English
+        # sentences are the corpus (E5's "passage:"). Teaching translations to match English
+        # *queries* would pull them away from what the index holds.
+        with torch.no_grad():
+            teacher_out = self.teacher(self.teacher.tokenize(english, "passage"))
+        if self.objective.needs_student_english:
+            # One forward pass over both sides: DDP expects one forward per backward.
+            prompts = ["query"] * len(translation) + ["passage"] * len(english)
+            both = self.model(self.student.tokenize(translation + english, prompts))
+            student_out, student_en = split_output(both, len(translation))
+        else:
+            student_out, student_en = self.model(self.student.tokenize(translation, "query")), None
+        return self.objective(teacher_out, student_out, student_en)
+
+    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+        return training_batches(self.cfg, start_step, rank, world)
+
+    def dev_captions(self) -> pa.Table:
+        return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)
+
+    def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:
+        return dev_report(self.cfg, self.student, captions, progress)
+
+
+def learner_class(cfg: TrainingConfig) -> type[Learner]:
+    """The learner a config trains: a teacher config trains a caption retriever, the rest distil."""
+    from .teacher import CaptionRetrieval
+
+    return CaptionRetrieval if isinstance(cfg, TeacherConfig) else Distiller
 
 
 def split_output(out: EncoderOutput, n: int) -> tuple[EncoderOutput, EncoderOutput]:
@@ -169,12 +225,12 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)
 
 
-def evaluation_due(cfg: DistillConfig, step: int) -> bool:
+def evaluation_due(cfg: TrainingConfig, step: int) -> bool:
     """Whether step ``step`` ends with a dev evaluation: every ``eval_every`` steps and the last one."""
     return step == cfg.steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
 
 
-def checkpoint_due(cfg: DistillConfig, step: int) -> bool:
+def checkpoint_due(cfg: TrainingConfig, step: int) -> bool:
     """Every ``checkpoint_every`` steps and at every dev evaluation (so the last step always has one)."""
     return evaluation_due(cfg, step) or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
 
@@ -189,44 +245,45 @@ class Reporter(Protocol):
     def report(self, metrics: dict, checkpoint: str | None) -> None: ...
 
 
-def fit(cfg: DistillConfig, reporter: Reporter, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
+def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
         wrap: Callable[[Encoder], torch.nn.Module] | None = None, progress: bool = False) -> tuple[Encoder, dict]:
     """Train from the reporter's latest checkpoint (or from the start) to ``cfg.steps``.
 
+    What is trained follows from the config (:func:`learner_class`): distillation, or a teacher.
     Every worker runs this with its ``rank`` of ``world``; ``wrap`` makes the forward model (DDP).
     Returns (student, dev report of the last step); the report is {} on ranks other than 0.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts them)
-    student, teacher = load_models(cfg, device)
-    distiller = Distiller(cfg, student, teacher, model=wrap(student) if wrap else None)
+    learner = learner_class(cfg).create(cfg, device, wrap)
+    student = learner.student
     report: dict = {}
     with reporter.resume_from() as folder:
         if folder:
-            report = checkpoints.restore(folder, student, distiller, cfg)
-            log.info("resumed from step %d (%d pairs consumed)", distiller.step_count, distiller.step_count * cfg.batch_size)
-    stream = training_batches(cfg, distiller.step_count, rank, world)
-    dev_captions = data.read_captions(cfg.data.dev, cfg.data.drop_blank) if rank == 0 else None
+            report = checkpoints.restore(folder, student, learner, cfg)
+            log.info("resumed from step %d (%d pairs consumed)", learner.step_count, learner.step_count * cfg.batch_size)
+    stream = learner.batches(learner.step_count, rank, world)
+    dev_captions = learner.dev_captions() if rank == 0 else None
 
-    first_step, start = distiller.step_count, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=first_step, desc="distill", unit="step", disable=not progress)
-    while distiller.step_count < cfg.steps:
-        english, translation = next(stream)
-        torch.manual_seed(checkpoints.step_seed(cfg.seed, distiller.step_count, rank))
-        metrics = distiller.step(english, translation)
-        step = distiller.step_count
+    first_step, start = learner.step_count, time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=first_step, desc="train", unit="step", disable=not progress)
+    while learner.step_count < cfg.steps:
+        first, second = next(stream)
+        torch.manual_seed(checkpoints.step_seed(cfg.seed, learner.step_count, rank))
+        metrics = learner.step(first, second)
+        step = learner.step_count
         metrics.update(step=step, pairs_per_s=(step - first_step) * cfg.batch_size / (time.perf_counter() - start))
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
         evaluate_now, checkpoint_now = evaluation_due(cfg, step), checkpoint_due(cfg, step)
         if evaluate_now and rank == 0:
-            report = dev_report(cfg, student, dev_captions, progress=progress and step == cfg.steps)
+            report = learner.dev_report(dev_captions, progress=progress and step == cfg.steps)
             metrics.update(dev_metrics(report))
         if checkpoint_now or step % cfg.log_every == 0:
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
                 if checkpoint_now and rank == 0:
-                    saved = checkpoints.save(folder, student, distiller, cfg, report if evaluate_now else None)
+                    saved = checkpoints.save(folder, student, learner, cfg, report if evaluate_now else None)
                 reporter.report(metrics, saved)
     bar.close()
     return student, report
@@ -236,7 +293,7 @@ class LocalRun:
     """The single-process reporter: metrics appended to ``output_dir/metrics.jsonl`` and kept in
     ``history``; checkpoints in ``output_dir/checkpoints/step_NNNNNNN`` (the latest ``keep``)."""
 
-    def __init__(self, cfg: DistillConfig, on_metrics: Callable[[dict], None] | None = None, keep: int = 2):
+    def __init__(self, cfg: TrainingConfig, on_metrics: Callable[[dict], None] | None = None, keep: int = 2):
         self.out = Path(cfg.output_dir)
         self.folder = self.out / "checkpoints"
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -272,7 +329,7 @@ class LocalRun:
             self.on_metrics(metrics)
 
 
-def distill(cfg: DistillConfig, progress: bool = True,
+def distill(cfg: TrainingConfig, progress: bool = True,
             on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
     """:func:`fit` in this process, resuming from ``output_dir/checkpoints`` when a run of the same
     config stopped there; then publish the student as a new version under ``output_dir/student`` (its

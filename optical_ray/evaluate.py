@@ -60,8 +60,8 @@ def build_report(ranks: dict[str, np.ndarray], high: Sequence[str] = HIGH_RESOUR
 
 def evaluate(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpus_lang: str = "en",
              high: Sequence[str] = HIGH_RESOURCE, low: Sequence[str] = LOW_RESOURCE, batch_size: int = 64,
-             progress: bool = True) -> dict:
-    ranks = rank_queries(encoder, captions, query_langs, corpus_lang, batch_size, progress)
+             progress: bool = True, mask_source: bool = False) -> dict:
+    ranks = rank_queries(encoder, captions, query_langs, corpus_lang, batch_size, progress, mask_source)
     return build_report(ranks, high, low)
 
 

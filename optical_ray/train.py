@@ -1,4 +1,4 @@
-"""Distillation on Ray Train: :func:`optical_ray.distill.fit` in each worker of a ``TorchTrainer``
+"""Training on Ray Train -- distillation, or a teacher: :func:`optical_ray.distill.fit` in each worker of a ``TorchTrainer``
 (DDP: gloo on CPU, NCCL on GPU). This module is the wiring only: a reporter that hands metrics and
 checkpoints to Ray, the scaling and failure policy, and the export of the final student.
 
@@ -28,7 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from . import checkpoints, data, storage
 from .card import write_model_card
-from .config import ConfigError, DistillConfig, load_config, to_dict, with_absolute_paths
+from .config import ConfigError, DistillConfig, TeacherConfig, TrainingConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
 from .evaluate import write_report
 from .models import Encoder, publish
@@ -48,10 +48,15 @@ class RayTrainReport:
                          checkpoint_dir_name=f"step_{metrics['step']:07d}")
 
 
+# What a worker's config dict is (train_loop_config["schema"]); the schema decides what fit trains.
+SCHEMAS = {cls.__name__: cls for cls in (DistillConfig, TeacherConfig)}
+
+
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in every Ray Train worker. ``config["distill"]`` is a DistillConfig as a dict."""
+    """Runs in every Ray Train worker. ``config["distill"]`` is a training config as a dict, of the
+    schema ``config["schema"]`` (default DistillConfig)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # e.g. "resumed from step"
-    cfg = load_config(DistillConfig, config["distill"])
+    cfg = load_config(SCHEMAS[config.get("schema", "DistillConfig")], config["distill"])
     context = ray.train.get_context()
     if not cfg.ray.use_gpu:
         torch.set_num_threads(cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
@@ -60,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
         wrap=lambda student: ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False}))
 
 
-def run_config(cfg: DistillConfig) -> RunConfig:
+def run_config(cfg: TrainingConfig) -> RunConfig:
     filesystem, path = storage.resolve(cfg.ray.storage_path)
     return RunConfig(
         name=cfg.ray.name,
@@ -71,14 +76,14 @@ def run_config(cfg: DistillConfig) -> RunConfig:
     )
 
 
-def scaling_config(cfg: DistillConfig) -> ScalingConfig:
+def scaling_config(cfg: TrainingConfig) -> ScalingConfig:
     resources = {"CPU": cfg.ray.cpus_per_worker, **cfg.ray.custom_resources}
     if cfg.ray.use_gpu:
         resources["GPU"] = cfg.ray.gpus_per_worker
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources)
 
 
-def run_training(cfg: DistillConfig, train_loop: Callable[[dict], None] = train_loop_per_worker) -> Path | str:
+def run_training(cfg: TrainingConfig, train_loop: Callable[[dict], None] = train_loop_per_worker) -> Path | str:
     """Fit on the connected Ray cluster, then export the final student to ``output_dir/student`` and
     its dev report to ``output_dir/dev`` (local or s3://). Returns the student's location."""
     cfg = with_absolute_paths(cfg)
@@ -86,12 +91,12 @@ def run_training(cfg: DistillConfig, train_loop: Callable[[dict], None] = train_
     if cfg.batch_size % cfg.ray.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over ray.num_workers {cfg.ray.num_workers}")
     Encoder.load(cfg.student)
-    if cfg.data.bitext:
+    if getattr(cfg.data, "bitext", None):
         data.check_bitext_shards(cfg.data.bitext)
     checkpoints.claim(storage.join(cfg.ray.storage_path, cfg.ray.name), cfg)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"distill": to_dict(cfg)},
+        train_loop_config={"distill": to_dict(cfg), "schema": type(cfg).__name__},
         scaling_config=scaling_config(cfg),
         run_config=run_config(cfg),
     )
@@ -101,7 +106,7 @@ def run_training(cfg: DistillConfig, train_loop: Callable[[dict], None] = train_
     return export_student(cfg, result.checkpoint)
 
 
-def export_student(cfg: DistillConfig, checkpoint: Checkpoint) -> str:
+def export_student(cfg: TrainingConfig, checkpoint: Checkpoint) -> str:
     """The checkpoint's student, published as a new version under ``output_dir/student`` (local or
     s3://), and its dev report in ``output_dir/dev``. Returns the version's location."""
     with checkpoint.as_directory() as folder, tempfile.TemporaryDirectory() as staging:

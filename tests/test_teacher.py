@@ -1,0 +1,113 @@
+"""The task-trained teacher (optical_ray.teacher): positives from the same image, no evaluation image in
+its training data, its loss against a hand computation, and `optical-ray teacher` end to end on Ray Train."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+
+from optical_ray import data
+from optical_ray.config import SAMPLE_DIR, TeacherConfig, load_config
+from optical_ray.distill import distill
+from optical_ray.losses import info_nce
+from optical_ray.models import Encoder
+from optical_ray.teacher import CaptionRetrieval, training_pairs
+
+
+def captions(rows):
+    image, idx, text = zip(*rows)
+    return pa.table({"image_id": list(image), "caption_idx": list(idx), "lang": ["en"] * len(rows),
+                     "text": list(text), "source": ["multi30k-task2"] * len(rows)})
+
+
+def test_caption_pairs_join_two_captions_of_the_same_image():
+    table = captions([("b", 1, "b1"), ("a", 2, "a2"), ("a", 0, "a0"), ("c", 0, "c0"), ("a", 1, "a1"), ("b", 0, "b0"),
+                      ("d", 0, "d0"), ("d", 1, "d1")])
+    pairs = data.caption_pairs(table, "en", exclude_images={"d"})
+    assert list(zip(pairs["query"].to_pylist(), pairs["passage"].to_pylist())) == [
+        ("a0", "a1"), ("a1", "a2"), ("a2", "a0"), ("b0", "b1"), ("b1", "b0")]  # c: one caption; d: excluded
+    assert pairs["image_id"].to_pylist() == ["a", "a", "a", "b", "b"]
+    with pytest.raises(data.DataError, match="no image has two 'en' captions"):
+        data.caption_pairs(captions([("a", 0, "a0"), ("b", 0, "b0")]))
+
+
+def test_no_dev_or_evaluation_image_reaches_the_teachers_training_pairs():
+    sample = SAMPLE_DIR
+    # Training tables that *include* the dev and test images: they must be filtered out, not absent.
+    cfg = load_config(TeacherConfig, {"data": {"train": [str(sample / "train_english_captions.parquet"),
+                                                         str(sample / "val_english_captions.parquet")],
+                                               "exclude_images_from": [str(sample / "test_2018_captions.parquet")]}})
+    pairs = training_pairs(cfg)
+    trained = set(pairs["image_id"].to_pylist())
+    dev = data.image_ids([str(sample / "val_english_captions.parquet")])
+    assert trained and not trained & dev
+    assert trained == data.image_ids([str(sample / "train_english_captions.parquet")]) - data.image_ids(
+        [str(sample / "test_2018_captions.parquet")])
+    text_image = {(r["image_id"], r["text"]) for r in data.read_captions(cfg.data.train).to_pylist()}
+    assert all((r["image_id"], r["query"]) in text_image and (r["image_id"], r["passage"]) in text_image
+               and r["query"] != r["passage"] for r in pairs.to_pylist())
+
+
+def test_the_teacher_loss_is_infonce_between_query_and_passage_encodings(tmp_path, tiny_model_dir):
+    cfg = load_config(TeacherConfig, {"student": str(tiny_model_dir), "temperature": 0.1, "max_length": 32})
+    learner = CaptionRetrieval.create(cfg, torch.device("cpu"))
+    learner.student.eval()
+    queries, passages = ["a dog runs", "two men talk", "a red car"], ["a dog is running", "men chatting", "a car"]
+    with torch.no_grad():
+        loss, parts = learner.loss(queries, passages)
+        q = learner.student(learner.student.tokenize(queries, "query")).embedding
+        p = learner.student(learner.student.tokenize(passages, "passage")).embedding
+    logits = q @ p.T / 0.1
+    by_hand = (torch.nn.functional.cross_entropy(logits, torch.arange(3)) +
+               torch.nn.functional.cross_entropy(logits.T, torch.arange(3))) / 2
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-4) == pytest.approx(float(info_nce(q, p, 0.1)), rel=1e-4)
+    assert parts["contrastive"] == pytest.approx(float(loss))
+
+
+def test_the_bf16_path_runs_under_cpu_autocast(tiny_model_dir):
+    """What a GPU run does (bf16 autocast), on CPU: the step trains and its loss stays float32-close."""
+    cfg = load_config(TeacherConfig, {"student": str(tiny_model_dir), "max_length": 32, "optim": {"lr": 1e-3}})
+    queries, passages = ["a dog runs", "two men talk", "a red car"], ["a dog is running", "men chatting", "a car"]
+    losses = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        learner = CaptionRetrieval.create(cfg, torch.device("cpu"))
+        learner.bf16 = bf16
+        losses.append(learner.step(queries, passages)["loss"])
+    assert np.isfinite(losses[1]) and losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
+def test_a_teacher_trains_in_one_process_and_says_what_it_is(tmp_path, tiny_model_dir):
+    cfg = load_config(TeacherConfig, {"student": str(tiny_model_dir), "output_dir": str(tmp_path / "teacher"),
+                                      "steps": 4, "batch_size": 8, "log_every": 2, "max_length": 32})
+    result = distill(cfg, progress=False)
+    assert set(result.dev_report["languages"]) == {"en"}
+    assert result.dev_report["languages"]["en"]["n_queries"] == 1500  # 300 dev images x 5 captions
+    front = yaml.safe_load((result.model_dir / "README.md").read_text().split("---\n")[1])
+    assert front["language"] == ["en"] and "caption-retrieval" in front["tags"]
+    assert Encoder.load(result.model_dir).dim == Encoder.load(tiny_model_dir).dim
+
+
+def test_a_teacher_on_ray_train_reports_before_and_after(ray_cluster, tmp_path, tiny_model_dir):
+    from optical_ray.teacher import train_teacher
+
+    sample = SAMPLE_DIR
+    test_sets = [{"name": "val_again", "data": [str(sample / "val_english_captions.parquet")]}]
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump({
+        "student": str(tiny_model_dir), "output_dir": str(tmp_path / "teacher"), "steps": 4, "batch_size": 8,
+        "log_every": 2, "max_length": 32, "ray": {"storage_path": str(tmp_path / "ray"), "name": "teacher-test"},
+        "test_sets": test_sets}))
+    teacher, report = train_teacher(load_config(TeacherConfig, config))
+    assert report == json.loads((tmp_path / "teacher" / "teacher_report.json").read_text())
+    assert set(report["sets"]) == {"dev", "val_again"}
+    dev = report["sets"]["dev"]
+    assert dev["n_queries"] == 1500 and dev["n_images"] == 300
+    assert dev["before"]["R@1"] == pytest.approx(report["sets"]["val_again"]["before"]["R@1"])  # same captions
+    lo, hi = dev["change_R@1_ci95"]
+    assert lo <= dev["after"]["R@1"] - dev["before"]["R@1"] <= hi
+    assert "| dev | 1500 |" in (tmp_path / "teacher" / "teacher_report.md").read_text()
+    assert Encoder.load(teacher).dim == Encoder.load(str(tmp_path / "teacher" / "student")).dim
