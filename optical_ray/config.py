@@ -438,6 +438,9 @@ class SweepConfig(Config):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "sweep"  # same name + storage: resume
 
 
+TASK_TRAINED = "task-trained"  # the teacher candidate an experiment trains itself
+
+
 class ExperimentConfig(Config):
     """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
@@ -450,11 +453,21 @@ class ExperimentConfig(Config):
     arms: Names = Field(default_factory=lambda: ["none", "mse", "ot", "ot+contrastive", "contrastive", "mse+contrastive"])
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # data order and dropout
     held_out_languages: Names = Field(default_factory=list)  # never trained on, never tuned on
-    teachers: list[str] = Field(default_factory=lambda: ["student-init"], min_length=1)  # > 1: chosen on dev
-    teacher_steps: NonNegativeInt = 0  # steps of the MSE runs that choose the teacher; 0: distill.steps
+    # The first is the baseline every arm runs with. With more candidates, an MSE run each chooses one on
+    # dev; when that is not the baseline, every arm and seed runs again with it. "task-trained" is the
+    # teacher `teacher_training` trains (optical-ray teacher) before the choice.
+    teachers: list[str] = Field(default_factory=lambda: ["student-init"], min_length=1)
+    teacher_training: TeacherConfig | None = None
+    retune_for_teacher: StrictBool = True  # false: the chosen teacher's arms reuse the baseline's swept knobs
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)
     bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals
     out_dir: str = "runs/experiment"  # models and Ray storage (large, not committed)
     results_dir: str = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
     keep_models: StrictBool = False  # a student is deleted once evaluated and recorded
+
+    @model_validator(mode="after")
+    def _task_trained_needs_training(self) -> ExperimentConfig:
+        if TASK_TRAINED in self.teachers and self.teacher_training is None:
+            raise ValueError(f"teachers lists {TASK_TRAINED!r} but no teacher_training section says how to train it")
+        return self

@@ -1,14 +1,17 @@
 """The research experiment: which loss terms narrow the R@1 gap between high- and low-resource
-languages, on which retrieval protocol, and does the gain reach languages never trained on?
+languages, on which retrieval protocol, does the gain reach languages never trained on -- and what
+changes when the teacher already knows the retrieval task?
 
 :func:`run_experiment`, all choices on the dev set and test data used for nothing but evaluation:
 
-1. the teacher, when there are several candidates (an MSE run each, chosen on dev);
-2. for each trained arm, a Ray Tune sweep over *its own* knobs (``Arm.knobs``) with the same budget;
-3. each arm x seed trained on Ray Train with the same student start, teacher, data and steps, then
-   evaluated on every test set. Each finished run is written as a small JSON record under
-   ``results_dir/runs`` keyed by a hash of its effective config, and skipped on the next call: an
-   interrupted experiment continues where it stopped, even in another session;
+1. for each trained arm, a Ray Tune sweep over *its own* knobs (``Arm.knobs``) with the same budget;
+2. each arm x seed trained on Ray Train with the same student start, baseline teacher (the first of
+   ``teachers``), data and steps, then evaluated on every test set. Each finished run is written as a
+   small JSON record under ``results_dir/runs`` keyed by a hash of its effective config, and skipped on
+   the next call: an interrupted experiment continues where it stopped, even in another session;
+3. with several teacher candidates: the task-trained teacher (``teacher_training``, recorded under
+   ``results_dir/teachers``), an MSE run per candidate to choose one on dev, and -- when the choice is
+   not the baseline -- every arm and seed again with it (retuned, or with the baseline's knobs);
 4. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
    (refreshed after every run, so partial results are readable).
 
@@ -26,14 +29,23 @@ import logging
 import shutil
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from . import data
-from .config import DistillConfig, ExperimentConfig, SweepConfig, TestSet, derive, to_dict, training_fields
+from .config import (
+    TASK_TRAINED,
+    DistillConfig,
+    ExperimentConfig,
+    SweepConfig,
+    TestSet,
+    derive,
+    to_dict,
+    training_fields,
+)
 from .distill import dev_metrics
 from .evaluate import rank_queries
 from .losses import LossWeights
@@ -195,12 +207,18 @@ class Runner:
     def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict:
         from .train import run_training
 
-        arm_cfg = arm_config(self.cfg, arm, teacher, seed, params)
-        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
-        path = self.results / "runs" / f"{arm.replace('+', '-')}-seed{seed}-{key}.json"
+        stem = f"{arm.replace('+', '-')}-seed{seed}"
+        key = config_key({"arm": arm, "distill": training_fields(arm_config(self.cfg, arm, teacher, seed, params)),
+                          "tests": self.tests_key})
+        path = self.results / "runs" / f"{stem}-{key}.json"
         if path.exists():
             log.info("%s seed %d: recorded in %s, skipped", arm, seed, path)
             return json.loads(path.read_text())
+        # Runs of the baseline teacher's tuned arms are named by arm and seed; any other run of the same
+        # arm and seed (another teacher, the teacher choice's default knobs) also by its key, so its Ray
+        # storage is its own (a run folder holding another config is refused).
+        tuned_baseline = teacher == self.cfg.teachers[0] and bool(params)
+        arm_cfg = arm_config(self.cfg, arm, teacher, seed, params, run=stem if tuned_baseline else f"{stem}-{key}")
         started = time.time()
         student = str(run_training(arm_cfg))
         dev = json.loads((Path(arm_cfg.output_dir) / "dev" / "report.json").read_text())
@@ -210,6 +228,27 @@ class Runner:
         write_record(path, record)
         if not self.cfg.keep_models:
             shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)
+        return record
+
+    def task_teacher(self) -> dict:
+        """Train (or find recorded) the experiment's own teacher: ``teacher_training`` with its output
+        under ``out_dir``. The record holds its before/after report and where the model is."""
+        from .teacher import train_teacher
+
+        base = self.cfg.teacher_training
+        key = config_key(training_fields(base))
+        name = f"teacher-{key}"
+        teacher_cfg = derive(base, {"output_dir": str(Path(self.cfg.out_dir) / name),
+                                    "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
+        path = self.results / "teachers" / f"{name}.json"
+        model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
+        if path.exists() and Path(model).exists():
+            return json.loads(path.read_text())
+        started = time.time()
+        _, report = train_teacher(teacher_cfg)
+        record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
+                  "wall_s": time.time() - started}
+        write_record(path, record)
         return record
 
     def sweep(self, arm: str, teacher: str) -> dict:
@@ -230,14 +269,14 @@ class Runner:
         return record
 
 
-def choose_teacher(cfg: ExperimentConfig, runner: Runner) -> tuple[str, dict[str, float]]:
-    """The only candidate, or the one whose MSE student scores best on dev (objective of the sweep)."""
+def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[str, dict[str, float]]:
+    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev."""
     from .tune import OBJECTIVES
 
-    if len(cfg.teachers) == 1:
-        return cfg.teachers[0], {}
+    if len(candidates) == 1:
+        return candidates[0], {}
     scores = {}
-    for teacher in cfg.teachers:
+    for teacher in candidates:
         record = runner.trained("mse", cfg.seeds[0], teacher, params={})
         scores[teacher] = float(OBJECTIVES[cfg.sweep.objective](record["dev"]))
     teacher = max(scores, key=scores.get)
@@ -246,24 +285,50 @@ def choose_teacher(cfg: ExperimentConfig, runner: Runner) -> tuple[str, dict[str
 
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
-    """Every sweep, then every run seed by seed (so one seed of every arm comes first); results are
-    rewritten after each run."""
+    """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
+    (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
+    listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
+    Results are rewritten after each run."""
     from .reports import write_results
 
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)
     runner = Runner(cfg, tests)
-    records = [runner.untrained()] if "none" in cfg.arms else []  # first: it checks every test set cheaply
-    teacher, teacher_scores = choose_teacher(cfg, runner)
+    untrained = [runner.untrained()] if "none" in cfg.arms else []  # first: it checks every test set cheaply
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
-    sweeps = {arm: runner.sweep(arm, teacher) for arm in trained}
+    baseline = cfg.teachers[0]
+    runs = {baseline: Teacher(baseline, {arm: runner.sweep(arm, baseline) for arm in trained})}
+    task_teacher, choice = None, {}
 
     def report() -> dict:
-        return write_results(cfg, tests, records, sweeps, teacher, teacher_scores)
+        return write_results(cfg, tests, untrained, runs, task_teacher, choice)
 
+    def run_arms(teacher: Teacher) -> None:
+        for seed in cfg.seeds:
+            for arm in trained:
+                teacher.records.append(runner.trained(arm, seed, teacher.name, teacher.sweeps[arm]["params"]))
+                report()
+
+    report()
+    run_arms(runs[baseline])
+    if len(cfg.teachers) > 1:
+        if TASK_TRAINED in cfg.teachers:
+            task_teacher = runner.task_teacher()
+        candidates = [task_teacher["model"] if t == TASK_TRAINED else t for t in cfg.teachers]
+        chosen, scores = choose_teacher(cfg, runner, candidates)
+        choice = {"chosen": chosen, "dev_scores": scores}
+        if chosen != baseline:
+            runs[chosen] = Teacher(chosen, {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher
+                                            else runs[baseline].sweeps[arm] for arm in trained})
+            run_arms(runs[chosen])
     results = report()
-    for seed in cfg.seeds:
-        for arm in trained:
-            records.append(runner.trained(arm, seed, teacher, sweeps[arm]["params"]))
-            results = report()
     return results
+
+
+@dataclass
+class Teacher:
+    """One teacher's part of the experiment: its sweeps (or the baseline's, reused) and its runs."""
+
+    name: str
+    sweeps: dict[str, dict]
+    records: list[dict] = field(default_factory=list)

@@ -35,38 +35,15 @@ def arm_label(arm: str) -> str:
 def summarize_test(test, records: list[dict], arms: list[str], n_resamples: int) -> dict:
     """Per arm: R@k per language (seed mean and spread) and every gap with its interval and its paired
     interval against every other arm."""
-    from .experiment import unpack_ranks
-
     spec = test.spec
-    images = np.unique(np.concatenate(list(test.query_images.values())))
-    query_index = {lang: np.searchsorted(images, ids) for lang, ids in test.query_images.items()}
-    weights = metrics.image_resamples(len(images), n_resamples, seed=0)
-    out: dict = {"protocol": spec.protocol, "groups": spec.groups, "gaps": spec.gaps, "n_images": len(images),
+    weights, query_index, n_images = image_draws(test, n_resamples)
+    out: dict = {"protocol": spec.protocol, "groups": spec.groups, "gaps": spec.gaps, "n_images": n_images,
                  "arms": {}}
-    draws: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    draws: dict[str, dict[str, np.ndarray]] = {}
     for arm in arms:
         runs = [r for r in records if r["arm"] == arm and spec.name in r["tests"]]
-        if not runs:
-            continue
-        ranks = {lang: np.stack([unpack_ranks(r["tests"][spec.name][lang]) for r in runs]) for lang in spec.query_langs}
-        recall_draws = {lang: metrics.weighted_recall(r <= 1, query_index[lang], weights) for lang, r in ranks.items()}
-        per_seed = {lang: (r <= 1).mean(axis=1) for lang, r in ranks.items()}
-        languages = {lang: {"R@1": float(per_seed[lang].mean()), "R@1_sd": sd(per_seed[lang]),
-                            **{f"R@{k}": float((r <= k).mean()) for k in (5, 10)},
-                            "MRR": float((1.0 / r).mean()), "n_queries": int(r.shape[1])}
-                     for lang, r in ranks.items()}
-        gaps, draws[arm] = {}, {}
-        for gap, (upper, lower) in spec.gaps.items():
-            hi = [lang for lang in spec.groups[upper] if lang in ranks]
-            lo = [lang for lang in spec.groups[lower] if lang in ranks]
-            gaps[gap] = {"upper": hi, "lower": lo}
-            for kind, fn in GAP_KINDS.items():
-                seeds = fn(per_seed, hi, lo)
-                draws[arm][f"{gap}/{kind}"] = fn(recall_draws, hi, lo)
-                gaps[gap][kind] = {"value": float(fn({k: v.mean() for k, v in per_seed.items()}, hi, lo)),
-                                   "ci95": list(metrics.percentile_interval(draws[arm][f"{gap}/{kind}"])),
-                                   "seed_mean": float(np.mean(seeds)), "seed_sd": sd(np.atleast_1d(seeds))}
-        out["arms"][arm] = {"seeds": [r["seed"] for r in runs], "languages": languages, "gaps": gaps}
+        if runs:
+            out["arms"][arm], draws[arm] = arm_summary(spec, runs, weights, query_index)
     for arm, summary in out["arms"].items():
         for gap, entry in summary["gaps"].items():
             for kind in GAP_KINDS:
@@ -76,34 +53,108 @@ def summarize_test(test, records: list[dict], arms: list[str], n_resamples: int)
     return out
 
 
+def image_draws(test, n_resamples: int) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """The test set's bootstrap weights over its images (seed 0: the same draw in every summary, so
+    any two summaries of one test set are paired) and each language's query -> image index."""
+    images = np.unique(np.concatenate(list(test.query_images.values())))
+    query_index = {lang: np.searchsorted(images, ids) for lang, ids in test.query_images.items()}
+    return metrics.image_resamples(len(images), n_resamples, seed=0), query_index, len(images)
+
+
+def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[str, np.ndarray]
+                ) -> tuple[dict, dict[str, np.ndarray]]:
+    """One arm's runs (its seeds) on one test set: (summary, bootstrap draws of every gap)."""
+    from .experiment import unpack_ranks
+
+    ranks = {lang: np.stack([unpack_ranks(r["tests"][spec.name][lang]) for r in runs]) for lang in spec.query_langs}
+    recall_draws = {lang: metrics.weighted_recall(r <= 1, query_index[lang], weights) for lang, r in ranks.items()}
+    per_seed = {lang: (r <= 1).mean(axis=1) for lang, r in ranks.items()}
+    languages = {lang: {"R@1": float(per_seed[lang].mean()), "R@1_sd": sd(per_seed[lang]),
+                        **{f"R@{k}": float((r <= k).mean()) for k in (5, 10)},
+                        "MRR": float((1.0 / r).mean()), "n_queries": int(r.shape[1])}
+                 for lang, r in ranks.items()}
+    gaps, draws = {}, {}
+    for gap, (upper, lower) in spec.gaps.items():
+        hi = [lang for lang in spec.groups[upper] if lang in ranks]
+        lo = [lang for lang in spec.groups[lower] if lang in ranks]
+        gaps[gap] = {"upper": hi, "lower": lo}
+        for kind, fn in GAP_KINDS.items():
+            seeds = fn(per_seed, hi, lo)
+            draws[f"{gap}/{kind}"] = fn(recall_draws, hi, lo)
+            gaps[gap][kind] = {"value": float(fn({k: v.mean() for k, v in per_seed.items()}, hi, lo)),
+                               "ci95": list(metrics.percentile_interval(draws[f"{gap}/{kind}"])),
+                               "seed_mean": float(np.mean(seeds)), "seed_sd": sd(np.atleast_1d(seeds))}
+    return {"seeds": [r["seed"] for r in runs], "languages": languages, "gaps": gaps}, draws
+
+
+def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[str], n_resamples: int) -> dict:
+    """Per arm and gap: the absolute gap under the baseline teacher and under the other, and the paired
+    95% interval of the change (other - baseline), on the same image draws."""
+    spec = test.spec
+    weights, query_index, _ = image_draws(test, n_resamples)
+    out = {}
+    for arm in arms:
+        base_runs = [r for r in baseline if r["arm"] == arm and spec.name in r["tests"]]
+        other_runs = [r for r in other if r["arm"] == arm and spec.name in r["tests"]]
+        if not base_runs or not other_runs:
+            continue
+        (base, base_draws), (new, new_draws) = (arm_summary(spec, runs, weights, query_index)
+                                                for runs in (base_runs, other_runs))
+        out[arm] = {gap: {"baseline": base["gaps"][gap]["abs"]["value"], "other": new["gaps"][gap]["abs"]["value"],
+                          "change_ci95": list(metrics.percentile_interval(new_draws[f"{gap}/abs"] - base_draws[f"{gap}/abs"]))}
+                    for gap in spec.gaps}
+    return out
+
+
 def sd(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def write_results(cfg: ExperimentConfig, tests, records: list[dict], sweeps: dict[str, dict], teacher: str,
-                  teacher_scores: dict[str, float]) -> dict:
+def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dict, task_teacher: dict | None,
+                  choice: dict) -> dict:
+    """results.json, RESULTS.md and plots from the records so far. ``runs``: teacher name -> its
+    :class:`optical_ray.experiment.Teacher` (the baseline first); ``choice``: the teacher choice on dev."""
     trained = [arm for arm in cfg.arms if arm != "none"]
-    expected = len(trained) * len(cfg.seeds) + ("none" in cfg.arms)
+    baseline, *others = runs.values()
+    records = untrained + baseline.records
+    n_teachers = 2 if len(cfg.teachers) > 1 and choice.get("chosen", None) != baseline.name else 1
+    expected = len(trained) * len(cfg.seeds) * n_teachers + len(untrained)
+    done = len(untrained) + sum(len(t.records) for t in runs.values())
     results = {
-        "status": {"runs": len(records), "expected": expected, "complete": len(records) >= expected},
-        "teacher": teacher, "teacher_dev_scores": teacher_scores,
-        "held_out_languages": cfg.held_out_languages,
-        "arms": {arm: {"label": arm_label(arm), "seeds": [r["seed"] for r in records if r["arm"] == arm],
-                       "params": sweeps.get(arm, {}).get("params", {}),
-                       "sweep_trials": len(sweeps.get(arm, {}).get("trials", [])),
-                       "dev": mean_dev([r for r in records if r["arm"] == arm])} for arm in cfg.arms},
+        "status": {"runs": done, "expected": expected, "complete": done >= expected and (len(cfg.teachers) == 1 or bool(choice))},
+        "teacher": baseline.name, "held_out_languages": cfg.held_out_languages, "objective": cfg.sweep.objective,
+        "arms": arms_summary(cfg.arms, records, baseline.sweeps),
         "tests": {t.spec.name: summarize_test(t, records, cfg.arms, cfg.bootstrap) for t in tests},
         "bootstrap": cfg.bootstrap,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available()},
-        "wall_time_s": sum(r.get("wall_s", 0.0) for r in records),
+        "wall_time_s": sum(r.get("wall_s", 0.0) for t in runs.values() for r in t.records)
+                       + sum(r.get("wall_s", 0.0) for r in untrained),
     }
+    if len(cfg.teachers) > 1:
+        results["teacher_choice"] = {"candidates": cfg.teachers, **choice,
+                                     "task_trained": task_teacher and {"model": task_teacher["model"],
+                                                                       "report": task_teacher["report"]}}
+    for other in others:
+        other_records = untrained + other.records
+        results["chosen_teacher"] = {
+            "teacher": other.name, "arms": arms_summary(cfg.arms, other_records, other.sweeps),
+            "tests": {t.spec.name: summarize_test(t, other_records, cfg.arms, cfg.bootstrap) for t in tests},
+            "vs_baseline": {t.spec.name: compare_teachers(t, baseline.records, other.records, trained, cfg.bootstrap)
+                            for t in tests}}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "RESULTS.md").write_text(results_markdown(results, cfg))
     plot_results(results, out)
     return results
+
+
+def arms_summary(arms: list[str], records: list[dict], sweeps: dict[str, dict]) -> dict:
+    return {arm: {"label": arm_label(arm), "seeds": [r["seed"] for r in records if r["arm"] == arm],
+                  "params": sweeps.get(arm, {}).get("params", {}),
+                  "sweep_trials": len(sweeps.get(arm, {}).get("trials", [])),
+                  "dev": mean_dev([r for r in records if r["arm"] == arm])} for arm in arms}
 
 
 def mean_dev(records: list[dict]) -> dict:
@@ -148,6 +199,13 @@ def answer_lines(results: dict) -> list[str]:
                 adds.append(f"`{gap}` {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             lines.append(f"  - OT added to contrastive ({name}): gap change {', '.join(adds)} "
                          "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
+    chosen = results.get("chosen_teacher")
+    for name, arms in (chosen or {}).get("vs_baseline", {}).items():
+        changes = [f"{arm_label(arm)} `{gap}` {g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])}"
+                   for arm, gaps in arms.items() for gap, g in gaps.items()]
+        if changes:
+            lines.append(f"- **{name}** with teacher `{chosen['teacher']}` instead of `{results['teacher']}`: gap change "
+                         + "; ".join(changes) + ".")
     return lines
 
 
@@ -163,7 +221,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
     held = ", ".join(results["held_out_languages"]) or "none"
     lines += [
         (f"- Every arm starts from `{d.student}` with teacher `{results['teacher']}`"
-         + (f" (chosen on dev: {results['teacher_dev_scores']})" if results["teacher_dev_scores"] else "")
+         + (" (the baseline; another teacher below)" if "teacher_choice" in results else "")
          + f", trains {d.steps} steps of {d.batch_size} pairs on {', '.join(l for l in d.data.languages if l not in results['held_out_languages'])}"
          f" on Ray Train, seeds {', '.join(map(str, cfg.seeds))}. A seed sets the data order (shuffle) and dropout; "
          "the student start and the teacher are the same for every seed."),
@@ -205,6 +263,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{a['seed_mean']:.3f} ± {a['seed_sd']:.3f} | {vs_a} | "
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
+    lines += teacher_markdown(results)
     machine = results["machine"]
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
@@ -214,6 +273,42 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                f"CUDA {'yes' if machine['cuda'] else 'no'}. Training + evaluation time of the recorded runs: "
                f"{results['wall_time_s'] / 60:.0f} min (sweeps not included)."), ""]
     return "\n".join(lines)
+
+
+def teacher_markdown(results: dict) -> list[str]:
+    """The teacher sections: the task-trained teacher's own before/after, the choice on dev, and every
+    gap under the chosen teacher against the baseline."""
+    if "teacher_choice" not in results:
+        return []
+    choice = results["teacher_choice"]
+    lines = ["## A teacher that knows the task", ""]
+    task = choice.get("task_trained")
+    if task:
+        from .teacher import report_markdown
+
+        lines += [report_markdown(task["report"]).split("\n", 2)[2].rstrip(), "", f"Model: `{task['model']}`.", ""]
+    if "chosen" not in choice:
+        return lines + ["The choice among " + ", ".join(f"`{t}`" for t in choice["candidates"]) + " is not made yet.", ""]
+    scores = ", ".join(f"`{t}` {v:.3f}" for t, v in choice["dev_scores"].items())
+    lines += [(f"Chosen on dev (MSE student, default knobs, first seed; objective {results['objective']}): "
+              f"**`{choice['chosen']}`** ({scores})."), ""]
+    chosen = results.get("chosen_teacher")
+    if not chosen:
+        return lines + ["The chosen teacher is the baseline: nothing more to run.", ""]
+    lines += [(f"Every arm again with `{chosen['teacher']}`: the absolute gap under the baseline teacher "
+              f"`{results['teacher']}` and under it, with the paired 95% interval of the change (negative: the "
+              "task-trained teacher narrows the gap)."), ""]
+    for name, arms in chosen["vs_baseline"].items():
+        if not arms:
+            continue
+        lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
+                  "| arm | gap | baseline teacher | chosen teacher | change [95% CI] |", "|---|---|---|---|---|"]
+        for arm, gaps in arms.items():
+            for gap, g in gaps.items():
+                lines.append(f"| {arm_label(arm)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
+                             f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |")
+        lines.append("")
+    return lines
 
 
 def fmt_interval(interval, sign: bool = True, digits: int = 3) -> str:

@@ -107,9 +107,9 @@ def before_and_after(cfg: TeacherConfig, start: str, trained: str, n_resamples: 
 
 def report_markdown(report: dict) -> str:
     lines = [f"# Teacher: {report['lang']} caption retrieval, semantic protocol",
-             "", f"`{report['start']}` before and after {report['steps']} steps of caption<->caption training "
+             "", (f"`{report['start']}` before and after {report['steps']} steps of caption<->caption training "
              "(each caption retrieves its image through the image's other captions; 95% interval: paired "
-             "bootstrap over images).", "",
+             "bootstrap over images)."), "",
              "| set | queries | R@1 before | R@1 after | change (95% CI) | R@5 after |", "|---|---|---|---|---|---|"]
     for name, s in report["sets"].items():
         lo, hi = s["change_R@1_ci95"]

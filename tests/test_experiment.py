@@ -79,8 +79,10 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
                                                                monkeypatch):
     cfg = load_config(ExperimentConfig, {
         "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "bootstrap": 50,
-        "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir)],
-        "held_out_languages": ["gn"],
+        "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir), "task-trained"],
+        "teacher_training": {"student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32,
+                             "test_sets": [{"name": "val_again", "data": [str(SAMPLE_DIR / "val_english_captions.parquet")]}]},
+        "retune_for_teacher": False, "held_out_languages": ["gn"],
         "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
                     "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
                     "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
@@ -95,12 +97,32 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 
     results = run_experiment(cfg)
     out = tmp_path / "results"
-    records = sorted(p.name for p in (out / "runs").glob("*.json"))
-    assert len(records) == 2 and records[1].startswith("ot-contrastive-seed0-")
-    assert len(list((out / "sweeps").glob("ot-contrastive-*.json"))) == 1
-    assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     saved = json.loads((out / "results.json").read_text())
-    assert saved["status"] == {"runs": 2, "expected": 2, "complete": True}
+    # The task-trained teacher: trained on Ray Train, its before/after on the dev and test sets recorded.
+    [teacher_record] = [json.loads(p.read_text()) for p in (out / "teachers").glob("teacher-*.json")]
+    assert set(teacher_record["report"]["sets"]) == {"dev", "val_again"}
+    dev = teacher_record["report"]["sets"]["dev"]
+    assert dev["n_queries"] == 1500 and dev["n_images"] == 300  # each dev caption vs the other four of its image
+    lo, hi = dev["change_R@1_ci95"]
+    assert lo <= dev["after"]["R@1"] - dev["before"]["R@1"] <= hi
+    # The choice on dev: one MSE run per candidate, the best objective wins.
+    choice = saved["teacher_choice"]
+    candidates = [str(tiny_teacher_dir), teacher_record["model"]]
+    assert list(choice["dev_scores"]) == candidates and choice["chosen"] == max(candidates, key=choice["dev_scores"].get)
+    records = sorted(p.name for p in (out / "runs").glob("*.json"))
+    mse_choice_runs = [r for r in records if r.startswith("mse-seed0-")]
+    ot_runs = [r for r in records if r.startswith("ot-contrastive-seed0-")]
+    assert len(mse_choice_runs) == 2 and len(records) == 1 + 2 + len(ot_runs)
+    assert len(list((out / "sweeps").glob("ot-contrastive-*.json"))) == 1  # retune_for_teacher: false
+    if choice["chosen"] == str(tiny_teacher_dir):  # the baseline won: nothing more to run
+        assert len(ot_runs) == 1 and "chosen_teacher" not in saved
+    else:  # every arm again with the chosen teacher, compared gap by gap with the baseline's
+        assert len(ot_runs) == 2 and saved["chosen_teacher"]["teacher"] == choice["chosen"]
+        change = saved["chosen_teacher"]["vs_baseline"]["sample_2018"]["ot+contrastive"]["trained_low"]
+        lo, hi = change["change_ci95"]
+        assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
+    assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
+    assert saved["status"]["complete"] and saved["status"]["runs"] == 1 + len(ot_runs)
     assert set(saved["arms"]["ot+contrastive"]["params"]) == set(ARMS["ot+contrastive"].knobs)
     test = saved["tests"]["sample_2018"]
     for arm in ("none", "ot+contrastive"):
@@ -142,3 +164,30 @@ def test_the_committed_sweep_records_are_still_found_by_their_keys():
     for path in records:
         record = json.loads(path.read_text())
         assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"
+
+
+def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
+    from optical_ray.config import TestSet
+    from optical_ray.experiment import TestData
+    from optical_ray.reports import compare_teachers
+
+    spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
+    images = np.array(["a", "b", "c", "d"])
+    test = TestData(spec, captions=None, query_images={"de": images, "qu": images})
+
+    def record(de, qu):
+        return {"arm": "mse", "seed": 0, "tests": {"t": {"de": pack_ranks(np.array(de, float)),
+                                                           "qu": pack_ranks(np.array(qu, float))}}}
+
+    frozen = [record([1, 1, 1, 2], [1, 3, 2, np.inf])]   # de 0.75, qu 0.25: gap 0.50
+    task = [record([1, 1, 1, 1], [1, 1, 2, 5])]           # de 1.00, qu 0.50: gap 0.50
+    better = [record([1, 1, 1, 2], [1, 1, 1, 4])]         # de 0.75, qu 0.75: gap 0.00
+    same = compare_teachers(test, frozen, task, ["mse"], n_resamples=200)["mse"]["low"]
+    assert same["baseline"] == pytest.approx(0.5) and same["other"] == pytest.approx(0.5)
+    narrower = compare_teachers(test, frozen, better, ["mse"], n_resamples=200)["mse"]["low"]
+    assert narrower["other"] - narrower["baseline"] == pytest.approx(-0.5)
+    # Paired: both systems differ only on images b and c, where the gap drops by 1 each, so every
+    # resample's change is -(draws of b and c) / 4 <= 0 -- never positive, as an unpaired draw could be.
+    lo, hi = narrower["change_ci95"]
+    assert -1.0 <= lo <= -0.5 <= hi <= 0.0
+    assert compare_teachers(test, frozen, frozen, ["mse"], n_resamples=50)["mse"]["low"]["change_ci95"] == [0.0, 0.0]

@@ -1,7 +1,6 @@
 """The task-trained teacher (optical_ray.teacher): positives from the same image, no evaluation image in
-its training data, its loss against a hand computation, and `optical-ray teacher` end to end on Ray Train."""
-
-import json
+its training data, its loss against a hand computation, the bf16 path. On Ray Train, with its report,
+it runs in tests/test_experiment.py's end-to-end experiment."""
 
 import numpy as np
 import pyarrow as pa
@@ -89,25 +88,3 @@ def test_a_teacher_trains_in_one_process_and_says_what_it_is(tmp_path, tiny_mode
     front = yaml.safe_load((result.model_dir / "README.md").read_text().split("---\n")[1])
     assert front["language"] == ["en"] and "caption-retrieval" in front["tags"]
     assert Encoder.load(result.model_dir).dim == Encoder.load(tiny_model_dir).dim
-
-
-def test_a_teacher_on_ray_train_reports_before_and_after(ray_cluster, tmp_path, tiny_model_dir):
-    from optical_ray.teacher import train_teacher
-
-    sample = SAMPLE_DIR
-    test_sets = [{"name": "val_again", "data": [str(sample / "val_english_captions.parquet")]}]
-    config = tmp_path / "teacher.yaml"
-    config.write_text(yaml.safe_dump({
-        "student": str(tiny_model_dir), "output_dir": str(tmp_path / "teacher"), "steps": 4, "batch_size": 8,
-        "log_every": 2, "max_length": 32, "ray": {"storage_path": str(tmp_path / "ray"), "name": "teacher-test"},
-        "test_sets": test_sets}))
-    teacher, report = train_teacher(load_config(TeacherConfig, config))
-    assert report == json.loads((tmp_path / "teacher" / "teacher_report.json").read_text())
-    assert set(report["sets"]) == {"dev", "val_again"}
-    dev = report["sets"]["dev"]
-    assert dev["n_queries"] == 1500 and dev["n_images"] == 300
-    assert dev["before"]["R@1"] == pytest.approx(report["sets"]["val_again"]["before"]["R@1"])  # same captions
-    lo, hi = dev["change_R@1_ci95"]
-    assert lo <= dev["after"]["R@1"] - dev["before"]["R@1"] <= hi
-    assert "| dev | 1500 |" in (tmp_path / "teacher" / "teacher_report.md").read_text()
-    assert Encoder.load(teacher).dim == Encoder.load(str(tmp_path / "teacher" / "student")).dim
