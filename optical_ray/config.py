@@ -441,6 +441,16 @@ class SweepConfig(Config):
 TASK_TRAINED = "task-trained"  # the teacher candidate an experiment trains itself
 
 
+class CurveConfig(Config):
+    """How the gap moves with training length: one long run per arm (baseline teacher, the arm's swept
+    knobs), every test set evaluated at each of its checkpoints."""
+
+    arms: Names = Field(default_factory=lambda: ["mse", "ot+contrastive"])
+    steps: PositiveInt = 2000
+    every: PositiveInt = 250  # steps between evaluated checkpoints
+    seed: NonNegativeInt = 0
+
+
 class ExperimentConfig(Config):
     """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
@@ -459,6 +469,7 @@ class ExperimentConfig(Config):
     teachers: list[str] = Field(default_factory=lambda: ["student-init"], min_length=1)
     teacher_training: TeacherConfig | None = None
     retune_for_teacher: StrictBool = True  # false: the chosen teacher's arms reuse the baseline's swept knobs
+    curve: CurveConfig | None = None  # after everything else: gap vs pairs seen, for a few arms
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)
     bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals

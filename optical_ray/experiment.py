@@ -230,6 +230,43 @@ class Runner:
             shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)
         return record
 
+    def curve(self, arm: str, teacher: str, params: dict) -> dict:
+        """One long run of ``arm`` keeping a checkpoint every ``curve.every`` steps, each evaluated on
+        every test set once training is done. The record grows a point per evaluated checkpoint, so an
+        interrupted curve resumes its training (Ray Train) or its evaluations where they stopped."""
+        curve = self.cfg.curve
+        stem = f"curve-{arm.replace('+', '-')}-seed{curve.seed}"
+        base = arm_config(self.cfg, arm, teacher, curve.seed, params)
+        arm_cfg = derive(base, {"steps": curve.steps, "checkpoint_every": curve.every, "eval_every": curve.every,
+                                "ray.num_to_keep": curve.steps // curve.every + 1})
+        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
+        arm_cfg = derive(arm_cfg, {"ray.name": f"{stem}-{key}", "output_dir": str(Path(self.cfg.out_dir) / "arms" / f"{stem}-{key}")})
+        path = self.results / "curves" / f"{stem}-{key}.json"
+        wanted = list(range(curve.every, curve.steps + 1, curve.every))
+        record = json.loads(path.read_text()) if path.exists() else {
+            "arm": arm, "seed": curve.seed, "key": key, "teacher": teacher, "params": params,
+            "config": training_fields(arm_cfg), "batch_size": arm_cfg.batch_size, "points": {}}
+        if all(str(s) in record["points"] for s in wanted):
+            return record
+        folder = Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name
+        if not (folder / f"step_{curve.steps:07d}").exists():
+            from .train import run_training
+
+            run_training(arm_cfg)
+            if not self.cfg.keep_models:
+                shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)  # the exported copy; checkpoints are evaluated
+        for step in wanted:
+            checkpoint = folder / f"step_{step:07d}"
+            if str(step) in record["points"]:
+                continue
+            if not checkpoint.exists():
+                raise RuntimeError(f"curve {stem}: no checkpoint at step {step} in {folder}")
+            record["points"][str(step)] = evaluate_model(str(checkpoint), self.tests)
+            write_record(path, record)
+            if step != curve.steps and not self.cfg.keep_models:
+                shutil.rmtree(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
+        return record
+
     def task_teacher(self) -> dict:
         """Train (or find recorded) the experiment's own teacher: ``teacher_training`` with its output
         under ``out_dir``. The record holds its before/after report and where the model is."""
@@ -298,10 +335,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
     baseline = cfg.teachers[0]
     runs = {baseline: Teacher(baseline, {arm: runner.sweep(arm, baseline) for arm in trained})}
-    task_teacher, choice = None, {}
+    task_teacher, choice, curves = None, {}, []
 
     def report() -> dict:
-        return write_results(cfg, tests, untrained, runs, task_teacher, choice)
+        return write_results(cfg, tests, untrained, runs, task_teacher, choice, curves)
 
     def run_arms(teacher: Teacher) -> None:
         for seed in cfg.seeds:
@@ -321,6 +358,10 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             runs[chosen] = Teacher(chosen, {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher
                                             else runs[baseline].sweeps[arm] for arm in trained})
             run_arms(runs[chosen])
+    if cfg.curve:
+        for arm in check_arms(cfg.curve.arms):
+            curves.append(runner.curve(arm, baseline, runs[baseline].sweeps[arm]["params"]))
+            report()
     results = report()
     return results
 

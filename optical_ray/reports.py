@@ -111,7 +111,7 @@ def sd(values: np.ndarray) -> float:
 
 
 def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dict, task_teacher: dict | None,
-                  choice: dict) -> dict:
+                  choice: dict, curves: list[dict] = ()) -> dict:
     """results.json, RESULTS.md and plots from the records so far. ``runs``: teacher name -> its
     :class:`optical_ray.experiment.Teacher` (the baseline first); ``choice``: the teacher choice on dev."""
     trained = [arm for arm in cfg.arms if arm != "none"]
@@ -142,12 +142,32 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
             "tests": {t.spec.name: summarize_test(t, other_records, cfg.arms, cfg.bootstrap) for t in tests},
             "vs_baseline": {t.spec.name: compare_teachers(t, baseline.records, other.records, trained, cfg.bootstrap)
                             for t in tests}}
+    if curves:
+        results["curves"] = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap) for t in tests}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "RESULTS.md").write_text(results_markdown(results, cfg))
     plot_results(results, out)
     return results
+
+
+def summarize_curves(test, curves: list[dict], n_resamples: int) -> dict:
+    """Per curve (arm): each evaluated checkpoint's pairs seen and absolute gaps with 95% intervals."""
+    spec = test.spec
+    weights, query_index, _ = image_draws(test, n_resamples)
+    out = {}
+    for curve in curves:
+        points = []
+        for step, tests in sorted(curve["points"].items(), key=lambda item: int(item[0])):
+            if spec.name not in tests:
+                continue
+            summary, _ = arm_summary(spec, [{"seed": curve["seed"], "tests": tests}], weights, query_index)
+            points.append({"step": int(step), "pairs": int(step) * curve["batch_size"],
+                           "gaps": {gap: {"value": g["abs"]["value"], "ci95": g["abs"]["ci95"]}
+                                    for gap, g in summary["gaps"].items()}})
+        out[curve["arm"]] = points
+    return out
 
 
 def arms_summary(arms: list[str], records: list[dict], sweeps: dict[str, dict]) -> dict:
@@ -263,7 +283,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{a['seed_mean']:.3f} ± {a['seed_sd']:.3f} | {vs_a} | "
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
-    lines += teacher_markdown(results)
+    lines += teacher_markdown(results) + curves_markdown(results)
     machine = results["machine"]
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
@@ -307,6 +327,25 @@ def teacher_markdown(results: dict) -> list[str]:
             for gap, g in gaps.items():
                 lines.append(f"| {arm_label(arm)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
                              f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |")
+        lines.append("")
+    return lines
+
+
+def curves_markdown(results: dict) -> list[str]:
+    if "curves" not in results:
+        return []
+    lines = ["## How the gap moves with training length", "",
+             ("One longer run per arm (baseline teacher, the arm's swept knobs, first seed), every test set evaluated "
+             "at each kept checkpoint; absolute gap [95% image-bootstrap interval]. ![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
+    for name, arms in results["curves"].items():
+        gaps = list(results["tests"][name]["gaps"])
+        lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
+                  "| arm | pairs seen | " + " | ".join(gaps) + " |", "|---|---|" + "---|" * len(gaps)]
+        for arm, points in arms.items():
+            for point in points:
+                cells = " | ".join(f"{point['gaps'][g]['value']:.3f} {fmt_interval(point['gaps'][g]['ci95'], sign=False)}"
+                                   for g in gaps)
+                lines.append(f"| {arm_label(arm)} | {point['pairs']:,} | {cells} |")
         lines.append("")
     return lines
 
@@ -359,4 +398,22 @@ def plot_results(results: dict, out: Path) -> None:
     axes[0, 0].set_ylabel("absolute R@1 gap, 95% CI")
     fig.tight_layout()
     fig.savefig(out / "gap_by_arm.png", dpi=110)
+    plt.close(fig)
+
+    curves = {name: arms for name, arms in results.get("curves", {}).items() if any(arms.values())}
+    panels = [(name, gap) for name, arms in curves.items() for gap in results["tests"][name]["gaps"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels) + 1, 3.4), squeeze=False, sharey=True)
+    for ax, (name, gap) in zip(axes[0], panels):
+        for i, (arm, points) in enumerate(curves[name].items()):
+            pairs = [p["pairs"] for p in points]
+            ax.plot(pairs, [p["gaps"][gap]["value"] for p in points], marker="o", ms=3, color=f"C{i}", label=arm_label(arm))
+            ax.fill_between(pairs, *zip(*[p["gaps"][gap]["ci95"] for p in points]), color=f"C{i}", alpha=0.2)
+        ax.set_title(f"{name}\n{gap}", fontsize=8)
+        ax.set_xlabel("pairs seen", fontsize=8)
+    axes[0, 0].set_ylabel("absolute R@1 gap, 95% CI")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(out / "gap_vs_pairs.png", dpi=110)
     plt.close(fig)

@@ -83,6 +83,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         "teacher_training": {"student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32,
                              "test_sets": [{"name": "val_again", "data": [str(SAMPLE_DIR / "val_english_captions.parquet")]}]},
         "retune_for_teacher": False, "held_out_languages": ["gn"],
+        "curve": {"arms": ["ot+contrastive"], "steps": 4, "every": 2},
         "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
                     "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
                     "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
@@ -123,6 +124,15 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
     assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     assert saved["status"]["complete"] and saved["status"]["runs"] == 1 + len(ot_runs)
+    # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
+    curve = saved["curves"]["sample_2018"]["ot+contrastive"]
+    assert [(p["step"], p["pairs"]) for p in curve] == [(2, 16), (4, 32)]
+    lo, hi = curve[1]["gaps"]["held_out_low"]["ci95"]
+    assert lo <= curve[1]["gaps"]["held_out_low"]["value"] <= hi
+    [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
+    assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
+    assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
+        out / "RESULTS.md").read_text()
     assert set(saved["arms"]["ot+contrastive"]["params"]) == set(ARMS["ot+contrastive"].knobs)
     test = saved["tests"]["sample_2018"]
     for arm in ("none", "ot+contrastive"):
