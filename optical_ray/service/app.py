@@ -49,7 +49,8 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray.index import load_index
-from optical_ray.models import Encoder, resolve_model
+from optical_ray.models import resolve_model
+from optical_ray.onnx_encoder import BACKENDS, load_query_encoder
 
 log = logging.getLogger("ray.serve")
 
@@ -112,8 +113,8 @@ class SearchResponse(BaseModel):
 class QueryEncoder:
     """Embeds one query per call; concurrent calls are batched by ``@serve.batch``."""
 
-    def __init__(self, model: str):
-        self.encoder = Encoder.load(model)
+    def __init__(self, model: str, backend: str = "torch"):
+        self.encoder = load_query_encoder(model, backend)
         self.encode_ms = Histogram("optical_ray_encode_latency_ms", "one batched forward pass of the query encoder",
                                    boundaries=LATENCY_MS)
         self.batch_size = Histogram("optical_ray_encode_batch_size", "queries per batched forward pass",
@@ -387,12 +388,15 @@ class SearchAPI:
 
 def build_app(args: dict) -> serve.Application:
     """``serve run optical_ray.service.app:build_app model=DIR index_uri=URI`` or the ``args`` of serve/config.yaml
-    (also ``auth``: api_key | none, and ``api_key_env``)."""
+    (also ``auth``: api_key | none, ``api_key_env``, and ``encoder_backend``: torch | onnx | onnx-int8)."""
     missing = [k for k in ("model", "index_uri") if not args.get(k)]
     if missing:
         raise ValueError(f"serve app needs the argument(s) {', '.join(missing)} (e.g. model=student-init index_uri=runs/index)")
     auth, api_key_env = args.get("auth", "api_key"), args.get("api_key_env", API_KEY_ENV)
     check_auth(auth, api_key_env)
-    encoder = QueryEncoder.bind(args["model"])
+    backend = args.get("encoder_backend", "torch")
+    if backend not in BACKENDS:
+        raise ValueError(f"encoder_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    encoder = QueryEncoder.bind(args["model"], backend)
     retriever = Retriever.bind(args["index_uri"], args["model"])
     return SearchAPI.bind(encoder, retriever, api_key_env, auth)
