@@ -72,6 +72,12 @@ def test_gpu_experiment_is_the_cpu_experiment_at_ten_times_the_pairs():
     assert gpu.distill.ray.use_gpu and gpu.distill.bf16 and gpu.sweep.gpus_per_trial == 1
     assert gpu.sweep.search.sinkhorn_reg == cpu.sweep.search.sinkhorn_reg  # merged from the base, key by key
     assert gpu.results_dir != cpu.results_dir
+    # The same teachers and curve arms; the teacher trains on the same data, on a GPU in bf16.
+    assert gpu.teachers == cpu.teachers and gpu.curve.arms == cpu.curve.arms
+    assert gpu.curve.steps * gpu.distill.batch_size >= 10 * cpu.curve.steps * cpu.distill.batch_size
+    t_gpu, t_cpu = gpu.teacher_training, cpu.teacher_training
+    assert t_gpu.data == t_cpu.data and t_gpu.test_sets == t_cpu.test_sets
+    assert t_gpu.ray.use_gpu and t_gpu.bf16 and t_gpu.steps * t_gpu.batch_size >= 8 * t_cpu.steps * t_cpu.batch_size
 
 
 def test_a_config_base_is_merged_and_errors_still_name_the_key(tmp_path):
