@@ -17,6 +17,7 @@ import json
 import platform
 import time
 
+import pyarrow.compute as pc
 import torch
 
 from optical_ray.config import SAMPLE_DIR
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     captions = read_captions([str(SAMPLE_DIR / "test_2018_captions.parquet")])
-    texts = captions.filter(captions["lang"] != "en")["text"].to_pylist()
+    texts = captions.filter(pc.not_equal(captions["lang"], "en"))["text"].to_pylist()
     encoders = {backend: load_query_encoder(args.model, backend) for backend in BACKENDS}
     r1 = {b: {lang: m["R@1"] for lang, m in evaluate(e, captions, LANGS, progress=False)["languages"].items()}
           for b, e in encoders.items()}
