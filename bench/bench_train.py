@@ -39,10 +39,10 @@ def ray_pairs_per_s(cfg: DistillConfig) -> float:
         original = distill.Distiller.step
         state = {"start": None, "n": 0}
 
-        def timed_step(self, english, translation):
+        def timed_step(self, english, translation, inputs=None):
             if state["start"] is None:
                 state["start"] = time.perf_counter()
-            out = original(self, english, translation)
+            out = original(self, english, translation, inputs)
             state["n"] += len(english)
             out["pairs_per_s"] = state["n"] / (time.perf_counter() - state["start"])
             return out

@@ -17,7 +17,9 @@ import random
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -110,7 +112,12 @@ class Learner:
                ) -> Learner:
         raise NotImplementedError
 
-    def loss(self, first: list[str], second: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    def prepare(self, first: list[str], second: list[str]) -> dict:
+        """The batch tokenised for :meth:`loss`. Runs ahead of the step in a background thread (the
+        Rust tokenizer releases the GIL), so on a GPU tokenising is off the critical path."""
+        raise NotImplementedError
+
+    def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
@@ -122,10 +129,12 @@ class Learner:
     def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:
         raise NotImplementedError
 
-    def step(self, first: list[str], second: list[str]) -> dict[str, float]:
+    def step(self, first: list[str], second: list[str], inputs: dict | None = None) -> dict[str, float]:
+        """One optimisation step on a batch of pairs (``inputs``: the batch already :meth:`prepare`-d)."""
+        inputs = inputs if inputs is not None else self.prepare(first, second)
         self.model.train()
         with torch.autocast(self.student.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, parts = self.loss(first, second)
+            loss, parts = self.loss(inputs)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step_count}: loss is {float(loss)} ({parts})")
         self.optimizer.zero_grad(set_to_none=True)
@@ -161,19 +170,23 @@ class Distiller(Learner):
         student, teacher = load_models(cfg, device)
         return cls(cfg, student, teacher, model=wrap(student) if wrap else None)
 
-    def loss(self, english: list[str], translation: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
+    def prepare(self, english: list[str], translation: list[str]) -> dict:
         # Each side is encoded as retrieval will use it: translations are queries, English
         # sentences are the corpus (E5's "passage:"). Teaching translations to match English
         # *queries* would pull them away from what the index holds.
-        with torch.no_grad():
-            teacher_out = self.teacher(self.teacher.tokenize(english, "passage"))
         if self.objective.needs_student_english:
-            # One forward pass over both sides: DDP expects one forward per backward.
+            # Both sides in one batch: one forward pass, as DDP expects one forward per backward.
             prompts = ["query"] * len(translation) + ["passage"] * len(english)
-            both = self.model(self.student.tokenize(translation + english, prompts))
-            student_out, student_en = split_output(both, len(translation))
+            student = self.student.tokenize(translation + english, prompts)
         else:
-            student_out, student_en = self.model(self.student.tokenize(translation, "query")), None
+            student = self.student.tokenize(translation, "query")
+        return {"teacher": self.teacher.tokenize(english, "passage"), "student": student, "n": len(translation)}
+
+    def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs["teacher"])
+        out = self.model(inputs["student"])
+        student_out, student_en = split_output(out, inputs["n"]) if self.objective.needs_student_english else (out, None)
         return self.objective(teacher_out, student_out, student_en)
 
     def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
@@ -262,31 +275,45 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
         if folder:
             report = checkpoints.restore(folder, student, learner, cfg)
             log.info("resumed from step %d (%d pairs consumed)", learner.step_count, learner.step_count * cfg.batch_size)
-    stream = learner.batches(learner.step_count, rank, world)
     dev_captions = learner.dev_captions() if rank == 0 else None
-
     first_step, start = learner.step_count, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=first_step, desc="train", unit="step", disable=not progress)
-    while learner.step_count < cfg.steps:
-        first, second = next(stream)
-        torch.manual_seed(checkpoints.step_seed(cfg.seed, learner.step_count, rank))
-        metrics = learner.step(first, second)
-        step = learner.step_count
-        metrics.update(step=step, pairs_per_s=(step - first_step) * cfg.batch_size / (time.perf_counter() - start))
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
-        evaluate_now, checkpoint_now = evaluation_due(cfg, step), checkpoint_due(cfg, step)
-        if evaluate_now and rank == 0:
-            report = learner.dev_report(dev_captions, progress=progress and step == cfg.steps)
-            metrics.update(dev_metrics(report))
-        if checkpoint_now or step % cfg.log_every == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                saved = None
-                if checkpoint_now and rank == 0:
-                    saved = checkpoints.save(folder, student, learner, cfg, report if evaluate_now else None)
-                reporter.report(metrics, saved)
+    with contextlib.closing(prefetched(learner.batches(learner.step_count, rank, world), learner.prepare)) as stream:
+        while learner.step_count < cfg.steps:
+            (first, second), inputs = next(stream)
+            torch.manual_seed(checkpoints.step_seed(cfg.seed, learner.step_count, rank))
+            metrics = learner.step(first, second, inputs=inputs)
+            step = learner.step_count
+            metrics.update(step=step, pairs_per_s=(step - first_step) * cfg.batch_size / (time.perf_counter() - start))
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
+            evaluate_now, checkpoint_now = evaluation_due(cfg, step), checkpoint_due(cfg, step)
+            if evaluate_now and rank == 0:
+                report = learner.dev_report(dev_captions, progress=progress and step == cfg.steps)
+                metrics.update(dev_metrics(report))
+            if checkpoint_now or step % cfg.log_every == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    saved = None
+                    if checkpoint_now and rank == 0:
+                        saved = checkpoints.save(folder, student, learner, cfg, report if evaluate_now else None)
+                    reporter.report(metrics, saved)
     bar.close()
     return student, report
+
+
+def prefetched(batches: Iterator[tuple[list[str], list[str]]], prepare: Callable[..., dict], depth: int = 2
+               ) -> Iterator[tuple[tuple[list[str], list[str]], dict]]:
+    """``(batch, prepare(*batch))``, prepared ``depth`` batches ahead in one background thread. The
+    batches are drawn in order on the caller's thread, so what is trained does not change."""
+    def job(batch: tuple[list[str], list[str]]) -> tuple[tuple[list[str], list[str]], dict]:
+        return batch, prepare(*batch)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        pending = deque(pool.submit(job, next(batches)) for _ in range(depth))
+        while True:
+            ready = pending.popleft().result()
+            pending.append(pool.submit(job, next(batches)))
+            yield ready
 
 
 class LocalRun:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,12 @@ class EncoderOutput:
     embedding: torch.Tensor  # [B, H], L2-normalised mean of token states over the attention mask
 
 
+# A fast tokenizer sets padding and truncation on its Rust object at every call, so two threads calling
+# it at once fail ("Already borrowed"); training prepares the next batches in a background thread
+# while the main thread may be evaluating.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 class Encoder(nn.Module):
     """Tokenizer + transformer + mean pooling + L2 norm.
 
@@ -218,10 +225,11 @@ class Encoder(nn.Module):
         if len(names) != len(texts):
             raise ValueError(f"{len(names)} prompts for {len(texts)} texts")
         prefixes = [self.prompts.get(name, "") if name else "" for name in names]
-        batch = self.tokenizer(
-            [prefix + t for prefix, t in zip(prefixes, texts)], padding=True, truncation=True,
-            max_length=self.max_length, return_tensors="pt", return_offsets_mapping=True,
-        )
+        with _TOKENIZER_LOCK:
+            batch = self.tokenizer(
+                [prefix + t for prefix, t in zip(prefixes, texts)], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt", return_offsets_mapping=True,
+            )
         offsets = batch.pop("offset_mapping")
         prefix_len = torch.tensor([len(prefix) for prefix in prefixes]).unsqueeze(-1)
         # A token is text when it covers a character past the prompt; specials and padding cover

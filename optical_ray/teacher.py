@@ -54,10 +54,13 @@ class CaptionRetrieval(Learner):
             student.freeze_word_embeddings()
         return cls(cfg, student, model=wrap(student) if wrap else None)
 
-    def loss(self, queries: list[str], passages: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        # One forward pass over both sides: DDP expects one forward per backward.
-        both = self.model(self.student.tokenize(queries + passages, ["query"] * len(queries) + ["passage"] * len(passages)))
-        query_out, passage_out = split_output(both, len(queries))
+    def prepare(self, queries: list[str], passages: list[str]) -> dict:
+        # Both sides in one batch: one forward pass, as DDP expects one forward per backward.
+        prompts = ["query"] * len(queries) + ["passage"] * len(passages)
+        return {"both": self.student.tokenize(queries + passages, prompts), "n": len(queries)}
+
+    def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        query_out, passage_out = split_output(self.model(inputs["both"]), inputs["n"])
         loss = info_nce(query_out.embedding, passage_out.embedding, self.cfg.temperature)
         return loss, {"contrastive": float(loss.detach())}
 

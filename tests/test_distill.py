@@ -88,11 +88,11 @@ TRAIN_STEP = Distiller.step
 
 def record_batches(monkeypatch, seen: list, crash_at: int | None = None):
     """Distiller.step records every batch it trains on; with ``crash_at`` it raises there instead."""
-    def recording(self, english, translation):
+    def recording(self, english, translation, inputs=None):
         if crash_at is not None and self.step_count == crash_at:
             raise Crash(f"killed at step {crash_at}")
         seen.append((self.step_count, english, translation))
-        return TRAIN_STEP(self, english, translation)
+        return TRAIN_STEP(self, english, translation, inputs)
 
     monkeypatch.setattr(Distiller, "step", recording)
 

@@ -56,7 +56,7 @@ def test_the_teacher_loss_is_infonce_between_query_and_passage_encodings(tmp_pat
     learner.student.eval()
     queries, passages = ["a dog runs", "two men talk", "a red car"], ["a dog is running", "men chatting", "a car"]
     with torch.no_grad():
-        loss, parts = learner.loss(queries, passages)
+        loss, parts = learner.loss(learner.prepare(queries, passages))
         q = learner.student(learner.student.tokenize(queries, "query")).embedding
         p = learner.student(learner.student.tokenize(passages, "passage")).embedding
     logits = q @ p.T / 0.1
