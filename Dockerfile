@@ -17,7 +17,7 @@ COPY optical_ray ./optical_ray
 RUN pip install --no-cache-dir build==1.2.2 && python -m build --wheel --outdir /wheels
 
 FROM rayproject/ray:${RAY_VERSION}-py311${VARIANT}
-ARG EXTRAS=cpu
+ARG EXTRAS=cpu,onnx
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # torch first, from the index that matches the variant; the constraint keeps every later

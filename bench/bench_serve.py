@@ -1,56 +1,129 @@
-"""Serving throughput (issue: retrieval serving). Run by hand:
+"""Serving throughput against its ceiling and a peer (issue: serving speed). Run by hand:
 
-    .venv/bin/python bench/bench_serve.py [--seconds 15]
+    .venv/bin/python bench/bench_serve.py [--seconds 12] [--infinity /path/to/venv/bin/infinity_emb]
 
-Deploys serve/config.yaml's application (the shipped student, a Flat index over the 1,071 English
-test_2018 captions, access log off) on a local Ray, then measures /search QPS and p50/p99 latency at
-1, 4 and 16 concurrent clients (one query per request), with @serve.batch (max_batch_size 32) and
-without it (max_batch_size 1), one QueryEncoder replica each. Both variants run in this one process,
-one after the other, so the machine's load is as alike as it gets.
+One run, one machine, one student folder (the shipped student, saved as a sentence-transformers folder),
+the same queries (test_2018's non-English captions, one per request), 1, 4 and 16 concurrent clients:
+
+(a) the bare model, the ceiling: ``Encoder.encode`` in batches of 32 in this process (queries/s);
+(b) this project's Serve app (serve/config.yaml's deployments, one QueryEncoder replica, ``@serve.batch``
+    up to 32, access log off): ``POST /embeddings`` (embed only) and ``POST /search`` (embed + FAISS
+    Flat over the 1,071 English test_2018 captions), per encoder backend (torch, onnx, onnx-int8);
+(c) infinity-emb serving the same folder (``--infinity``: its own venv, see
+    ../shared/docs/stack-on-this-machine.md), its OpenAI ``/embeddings`` route, torch engine on the CPU.
+
+The load generator (httpx, asyncio) shares the machine's cores with every server: compare ratios
+within one run, not absolute numbers across machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import httpx
 import numpy as np
+import pyarrow.compute as pc
 import ray
 from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
+from optical_ray.data import read_captions
+from optical_ray.models import Encoder
 
-QUERIES = ["Ein Hund rennt über eine Wiese.", "Dos niños juegan en la playa.", "Un homme fait du vélo.",
-           "一个女人在读书。", "Allqu pampapi phawaykachan.", "Warmi liwru ñawirichkan."]
+CLIENTS = (1, 4, 16)
 
 
-async def load(url: str, clients: int, seconds: float) -> tuple[float, float, float]:
+def test_queries() -> list[str]:
+    captions = read_captions([str(SAMPLE_DIR / "test_2018_captions.parquet")])
+    return captions.filter(pc.not_equal(captions["lang"], "en"))["text"].to_pylist()
+
+
+async def load(url: str, body, clients: int, seconds: float, queries: list[str]) -> dict:
+    """``clients`` concurrent loops, each posting one query per request: QPS, p50, p99."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
     async with httpx.AsyncClient(timeout=60) as client:
         async def worker(i: int):
+            n = i
             while time.perf_counter() < stop:
                 start = time.perf_counter()
-                r = await client.post(url, json={"queries": [QUERIES[(i + len(latencies)) % len(QUERIES)]], "k": 10})
+                r = await client.post(url, json=body(queries[n % len(queries)]))
                 r.raise_for_status()
                 latencies.append(time.perf_counter() - start)
+                n += clients
         began = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(clients)))
         elapsed = time.perf_counter() - began
-    return len(latencies) / elapsed, float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99))
+    return {"qps": len(latencies) / elapsed, "p50_ms": 1e3 * float(np.percentile(latencies, 50)),
+            "p99_ms": 1e3 * float(np.percentile(latencies, 99))}
+
+
+def sweep_clients(name: str, url: str, body, seconds: float, queries: list[str]) -> dict:
+    asyncio.run(load(url, body, 4, 2, queries))  # warm-up
+    out = {}
+    for clients in CLIENTS:
+        out[clients] = asyncio.run(load(url, body, clients, seconds, queries))
+        r = out[clients]
+        print(f"{name:<34} {clients:>2} clients: {r['qps']:7.1f} QPS  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms",
+              flush=True)
+    return out
+
+
+def bare_model(folder: str, queries: list[str], seconds: float) -> float:
+    encoder = Encoder.load(folder)
+    encoder.encode(queries[:64], "query", batch_size=32)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        encoder.encode(queries[done % len(queries):][:32] or queries[:32], "query", batch_size=32)
+        done += 32
+    return done / (time.perf_counter() - start)
+
+
+def infinity(binary: str, folder: str, port: int, queries: list[str], seconds: float) -> dict:
+    server = subprocess.Popen([binary, "v2", "--model-id", folder, "--engine", "torch", "--device", "cpu",
+                               "--port", str(port), "--host", "127.0.0.1", "--batch-size", "32"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"infinity-emb did not start (exit {server.poll()})") from None
+                time.sleep(2)
+        # E5 wants the prompt in the text; the Serve app adds it itself.
+        return sweep_clients("(c) infinity-emb /embeddings", f"http://127.0.0.1:{port}/embeddings",
+                             lambda q: {"input": [f"query: {q}"], "model": folder}, seconds, queries)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--infinity", help="infinity_emb executable in its own venv; without it (c) is skipped")
+    parser.add_argument("--backends", default="torch,onnx,onnx-int8")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args()
-    import sys
+    queries = test_queries()
+    folder = str(Encoder.load("student-init").save(os.path.join(tempfile.mkdtemp(), "student")))
+    results: dict = {"machine": f"{platform.platform()}, {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%d")}
+    results["bare_model_qps"] = bare_model(folder, queries, args.seconds)
+    print(f"(a) bare model, Encoder.encode batch 32: {results['bare_model_qps']:.1f} queries/s", flush=True)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["PYTHONPATH"] = sys.path[0]
@@ -59,25 +132,33 @@ def main() -> None:
     from optical_ray.service.app import QueryEncoder, Retriever, SearchAPI
 
     index_uri = os.path.join(tempfile.mkdtemp(), "index")
-    build_corpus_index("student-init", [str(SAMPLE_DIR / "test_2018_captions.parquet")], index_uri, "Flat")
+    build_corpus_index(folder, [str(SAMPLE_DIR / "test_2018_captions.parquet")], index_uri, "Flat")
     serve.start(http_options={"host": "127.0.0.1", "port": 8123}, logging_config={"enable_access_log": False})
-    results = {}
-    for name, batch in (("@serve.batch (32)", 32), ("no batching", 1)):
-        encoder = QueryEncoder.options(user_config={"max_batch_size": batch, "batch_wait_timeout_s": 0.005},
+    for backend in args.backends.split(","):
+        encoder = QueryEncoder.options(user_config={"max_batch_size": 32, "batch_wait_timeout_s": 0.005},
                                        max_ongoing_requests=32, num_replicas=1, ray_actor_options={"num_cpus": 1})
         app = SearchAPI.options(ray_actor_options={"num_cpus": 0.25}).bind(
-            encoder.bind("student-init"), Retriever.options(ray_actor_options={"num_cpus": 0.25}).bind(index_uri, "student-init"),
-            auth="none")  # loopback only
+            encoder.bind(folder, backend), Retriever.options(ray_actor_options={"num_cpus": 0.25}).bind(index_uri, folder),
+            auth="none", model=folder)  # loopback only
         serve.run(app, name="bench", route_prefix="/")
-        asyncio.run(load("http://127.0.0.1:8123/search", 4, 3))  # warm-up
-        for clients in (1, 4, 16):
-            results[(name, clients)] = asyncio.run(load("http://127.0.0.1:8123/search", clients, args.seconds))
-            qps, p50, p99 = results[(name, clients)]
-            print(f"{name:<18} {clients:>2} clients: {qps:7.1f} QPS  p50 {p50 * 1e3:7.1f} ms  p99 {p99 * 1e3:7.1f} ms", flush=True)
+        results[f"serve_{backend}_embeddings"] = sweep_clients(f"(b) Serve /embeddings, {backend}", "http://127.0.0.1:8123/embeddings",
+                                                               lambda q: {"input": [q]}, args.seconds, queries)
+        results[f"serve_{backend}_search"] = sweep_clients(f"(b) Serve /search, {backend}", "http://127.0.0.1:8123/search",
+                                                           lambda q: {"queries": [q], "k": 10}, args.seconds, queries)
         serve.delete("bench")
-    ratio = results[("@serve.batch (32)", 16)][0] / results[("no batching", 16)][0]
-    print(f"QPS at 16 clients, batched / unbatched: {ratio:.2f}x")
     serve.shutdown()
+    ray.shutdown()
+    if args.infinity:
+        results["infinity_embeddings"] = infinity(args.infinity, folder, 8124, queries, args.seconds)
+    ceiling = results["bare_model_qps"]
+    for key in [k for k in results if k.startswith(("serve_", "infinity"))]:
+        at16 = results[key][16]["qps"]
+        peer = results.get("infinity_embeddings", {}).get(16, {}).get("qps")
+        print(f"{key:<32} at 16 clients: {at16 / ceiling:.2f}x the bare model"
+              + (f", {at16 / peer:.2f}x infinity-emb" if peer else ""))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

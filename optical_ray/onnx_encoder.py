@@ -62,7 +62,7 @@ def export(model: str | os.PathLike, backend: str = "onnx") -> Path:
     if not fp32.exists():
         encoder = Encoder.load(model).eval()
         sample = encoder.tokenize(["a dog runs across a field", "two"], "query")
-        partial = fp32.with_suffix(".partial")
+        partial = fp32.with_suffix(f".{os.getpid()}.partial")  # replicas starting together each write their own
         with torch.no_grad():
             torch.onnx.export(_TokenStates(encoder.model), (sample["input_ids"], sample["attention_mask"]), str(partial),
                               input_names=["input_ids", "attention_mask"], output_names=["token_states"],
@@ -75,7 +75,7 @@ def export(model: str | os.PathLike, backend: str = "onnx") -> Path:
     if backend == "onnx-int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        partial = target.with_suffix(".partial")
+        partial = target.with_suffix(f".{os.getpid()}.partial")
         quantize_dynamic(str(fp32), str(partial), weight_type=QuantType.QInt8)
         partial.replace(target)
         log.info("quantised %s to int8 weights: %s", model, target)

@@ -123,6 +123,25 @@ def test_search_finds_the_captions_of_the_query_image(service):
     assert "/search" in httpx.get(f"{service['url']}/openapi.json").json()["paths"]
 
 
+def test_embeddings_are_the_students_query_vectors_in_openais_shape(service):
+    from optical_ray.models import Encoder
+
+    texts = ["Ein Hund rennt über eine Wiese.", "Allqu pampapi phawaykachan."]
+    response = httpx.post(f"{service['url']}/embeddings", json={"input": texts, "model": "anything"}, timeout=60)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "list" and body["model"] == "student-init"
+    assert [d["index"] for d in body["data"]] == [0, 1] and {d["object"] for d in body["data"]} == {"embedding"}
+    expected = Encoder.load("student-init").encode(texts, "query")
+    np.testing.assert_allclose(np.array([d["embedding"] for d in body["data"]]), expected, atol=1e-4)
+    one = httpx.post(f"{service['url']}/embeddings", json={"input": texts[0]}, timeout=60).json()
+    np.testing.assert_allclose(one["data"][0]["embedding"], expected[0], atol=1e-4)
+    for bad, field in (({"input": []}, "input"), ({"input": "  "}, "input"), ({"input": ["ok"] * 65}, "input"),
+                       ({"texts": ["ok"]}, "texts")):
+        refused = httpx.post(f"{service['url']}/embeddings", json=bad, timeout=60)
+        assert refused.status_code == 422 and field in refused.json()["error"], refused.text
+
+
 @pytest.mark.parametrize("body, field", [
     ({"queries": [], "k": 3}, "queries"),
     ({"queries": ["   "], "k": 3}, "queries[0] is blank"),
@@ -253,7 +272,8 @@ def test_schema_fuzz_no_5xx_no_undocumented_status_no_valid_request_refused(serv
 def test_api_key_guards_every_route_but_healthz(service, ray_cluster):
     url = f"{service['url']}/secure"
     assert httpx.get(f"{url}/healthz").status_code == 200
-    for method, route in (("POST", "/search"), ("GET", "/"), ("GET", "/docs"), ("GET", "/openapi.json")):
+    for method, route in (("POST", "/search"), ("POST", "/embeddings"), ("GET", "/"), ("GET", "/docs"),
+                          ("GET", "/openapi.json")):
         assert httpx.request(method, f"{url}{route}", json={"queries": ["a dog"]}).status_code == 401
     wrong = httpx.post(f"{url}/search", json={"queries": ["a dog"]}, headers={"X-API-Key": "nope"})
     assert wrong.status_code == 401

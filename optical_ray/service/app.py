@@ -3,7 +3,8 @@
 Three deployments: ``QueryEncoder`` (the student, with ``@serve.batch`` gathering queries from
 concurrent requests into one forward pass), ``Retriever`` (a FAISS index loaded from a local or
 s3:// folder; a new ``index_uri`` in its user_config swaps it in while requests keep flowing) and
-``SearchAPI`` (the FastAPI ingress: ``POST /search``, ``GET /healthz``, ``GET /`` a search page,
+``SearchAPI`` (the FastAPI ingress: ``POST /search``, ``POST /embeddings`` (query vectors, OpenAI's
+shape), ``GET /healthz``, ``GET /`` a search page,
 OpenAPI docs at ``/docs``).
 
     serve run optical_ray.service.app:build_app model=student-init index_uri=runs/index
@@ -34,13 +35,13 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -78,6 +79,34 @@ class SearchRequest(BaseModel):
                                  description="query texts, in any language the student reads; none blank, "
                                              f"each at most {MAX_QUERY_CHARS} characters")
     k: StrictInt = Field(10, ge=1, le=MAX_K, description="hits per query")
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request shape (what infinity-emb, TEI and vLLM accept too)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: Query | list[Query] = Field(description=f"one query text or a list of 1 to {MAX_QUERIES}; none blank, "
+                                                   f"each at most {MAX_QUERY_CHARS} characters")
+    model: StrictStr | None = Field(None, description="ignored: the app serves one model")
+
+    @field_validator("input")
+    @classmethod
+    def _bounded(cls, value):
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_QUERIES:
+            raise ValueError(f"must hold 1 to {MAX_QUERIES} texts, got {len(value)}")
+        return value
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
 
 
 class ErrorResponse(BaseModel):
@@ -322,15 +351,16 @@ def check_auth(auth: str, api_key_env: str) -> None:
 @serve.ingress(app)
 class SearchAPI:
     def __init__(self, encoder: DeploymentHandle, retriever: DeploymentHandle, api_key_env: str = API_KEY_ENV,
-                 auth: str = "api_key"):
+                 auth: str = "api_key", model: str = ""):
         check_auth(auth, api_key_env)  # in the replica too: its node's environment is what counts
         if auth == "none":
             log.warning("serving WITHOUT authentication (auth: none): every route is public")
-        self.encoder, self.retriever = encoder, retriever
+        self.encoder, self.retriever, self.model = encoder, retriever, model
         self.max_in_flight, self.in_flight, self.timeout_s = MAX_IN_FLIGHT, 0, TIMEOUT_S
-        self.requests = Counter("optical_ray_search_requests", "/search requests by outcome", tag_keys=("outcome",))
+        self.requests = Counter("optical_ray_search_requests", "/search and /embeddings requests by outcome",
+                                tag_keys=("outcome",))
         self.queries = Counter("optical_ray_queries", "queries answered")
-        self.latency_ms = Histogram("optical_ray_search_request_latency_ms", "one /search request, end to end",
+        self.latency_ms = Histogram("optical_ray_search_request_latency_ms", "one /search or /embeddings request, end to end",
                                     boundaries=LATENCY_MS)
         app.state.api_key_env, app.state.auth = api_key_env, auth
 
@@ -340,6 +370,30 @@ class SearchAPI:
 
     @app.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, request: SearchRequest):
+        async def answer() -> dict:
+            vectors = await self.embed(request.queries)
+            return await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
+
+        return await self.guarded(answer, len(request.queries))
+
+    @app.post("/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
+    async def embeddings(self, request: EmbeddingsRequest):
+        """Query embeddings (the student's ``query`` prompt, L2-normalised), in OpenAI's response shape."""
+        texts = [request.input] if isinstance(request.input, str) else request.input
+
+        async def answer() -> dict:
+            vectors = await self.embed(texts)
+            return {"object": "list", "model": self.model,
+                    "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+
+        return await self.guarded(answer, len(texts))
+
+    async def embed(self, texts: list[str]) -> list[np.ndarray]:
+        # One call per text: the encoder's @serve.batch gathers them with other requests' texts.
+        return await asyncio.gather(*(retry_once(lambda t=t: self.encoder.remote(t)) for t in texts))
+
+    async def guarded(self, answer, n_queries: int):
+        """``answer()`` within the in-flight bound and the timeout, each outcome counted."""
         # Shed load here, with a JSON answer, rather than queueing without bound: a client that waits
         # past its own timeout only makes the replicas work for nobody.
         if self.in_flight >= self.max_in_flight:
@@ -347,12 +401,8 @@ class SearchAPI:
             return error(503, f"overloaded: {self.in_flight} requests in progress", {"Retry-After": str(RETRY_AFTER_S)})
         self.in_flight += 1
         started = time.perf_counter()
-        async def answer_request() -> dict:
-            vectors = await asyncio.gather(*(retry_once(lambda q=q: self.encoder.remote(q)) for q in request.queries))
-            return await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
-
         try:
-            answer = await asyncio.wait_for(answer_request(), self.timeout_s)
+            result = await asyncio.wait_for(answer(), self.timeout_s)
         except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             self.requests.inc(tags={"outcome": "timeout"})
             return error(504, f"not answered within {self.timeout_s:g} s; the work was cancelled")
@@ -367,9 +417,9 @@ class SearchAPI:
         finally:
             self.in_flight -= 1
         self.requests.inc(tags={"outcome": "ok"})
-        self.queries.inc(len(request.queries))
+        self.queries.inc(n_queries)
         self.latency_ms.observe(1000 * (time.perf_counter() - started))
-        return answer
+        return result
 
     @app.get("/healthz")
     async def healthz(self) -> dict:
@@ -399,4 +449,4 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError(f"encoder_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     encoder = QueryEncoder.bind(args["model"], backend)
     retriever = Retriever.bind(args["index_uri"], args["model"])
-    return SearchAPI.bind(encoder, retriever, api_key_env, auth)
+    return SearchAPI.bind(encoder, retriever, api_key_env, auth, args["model"])
