@@ -128,7 +128,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     os.environ["PYTHONPATH"] = sys.path[0]
     ray.init(num_cpus=2, dashboard_host="127.0.0.1", log_to_driver=False)
-    from optical_ray.indexing import build_corpus_index
+    from optical_ray.corpus_index import build_corpus_index
     from optical_ray.service.app import QueryEncoder, Retriever, SearchAPI
 
     index_uri = os.path.join(tempfile.mkdtemp(), "index")

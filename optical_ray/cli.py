@@ -87,7 +87,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     import json
 
-    from .indexing import build_corpus_index
+    from .corpus_index import build_corpus_index
 
     _connect_ray(args)
     manifest = build_corpus_index(args.model, args.data, args.out, args.factory, args.lang, args.query_langs,

@@ -22,8 +22,8 @@ from conftest import TEST_API_KEY_ENV, free_port
 from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
+from optical_ray.corpus_index import build_corpus_index
 from optical_ray.index import load_index
-from optical_ray.indexing import build_corpus_index
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CAPTIONS = str(SAMPLE_DIR / "test_2018_captions.parquet")

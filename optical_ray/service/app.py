@@ -21,7 +21,8 @@ state. The ``api_key_env`` argument names another variable, for apps that need k
 Bounded: bodies over ``MAX_BODY_BYTES`` get 413 before they are read; when ``max_in_flight`` requests
 (SearchAPI's user_config) are already in a SearchAPI replica, or a downstream deployment's queue is full
 (``max_queued_requests``), the answer is 503 with ``Retry-After``; ``http_options.request_timeout_s``
-caps a request's life. Every error is JSON ``{"error": ...}`` and documented in the OpenAPI schema.
+caps a request's life. Every error is JSON ``{"error": ...}`` and documented in the OpenAPI schema; the
+request and response models and their limits are in :mod:`optical_ray.service.schemas`.
 
 A swap to an index that cannot be used (missing, checksum mismatch, another model or dimension) is
 refused: the replica keeps serving the index it has, logs why, and reports it at ``/status``.
@@ -35,13 +36,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints, field_validator
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
@@ -52,14 +51,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from optical_ray.index import load_index
 from optical_ray.models import resolve_model
 from optical_ray.onnx_encoder import BACKENDS, load_query_encoder
+from optical_ray.service.schemas import (
+    ERRORS,
+    MAX_BODY_BYTES,
+    MAX_QUERY_CHARS,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    SearchRequest,
+    SearchResponse,
+)
 
 log = logging.getLogger("ray.serve")
 
-MAX_QUERIES = 64
-MAX_QUERY_CHARS = 1000
-MAX_K = 100
-# A full request (64 queries of 1,000 characters, 4 bytes each in UTF-8 at worst) and JSON overhead.
-MAX_BODY_BYTES = 512 * 1024
 MAX_IN_FLIGHT = 64
 TIMEOUT_S = 25.0  # below serve/config.yaml's request_timeout_s (30), so the app answers first, in JSON
 RETRY_AFTER_S = 1
@@ -67,75 +70,6 @@ API_KEY_ENV = "OPTICAL_RAY_API_KEY"
 OPEN_PATHS = ("/healthz",)
 PAGE = Path(__file__).with_name("search.html")
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-
-# "\S": at least one non-space character, in a form JSON Schema states too (a blank query is refused
-# by a generated client as by the server).
-Query = Annotated[StrictStr, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS, pattern=r"\S")]
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    queries: list[Query] = Field(min_length=1, max_length=MAX_QUERIES,
-                                 description="query texts, in any language the student reads; none blank, "
-                                             f"each at most {MAX_QUERY_CHARS} characters")
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="hits per query")
-
-
-class EmbeddingsRequest(BaseModel):
-    """OpenAI's embeddings request shape (what infinity-emb, TEI and vLLM accept too)."""
-
-    model_config = ConfigDict(extra="forbid")
-    input: Query | list[Query] = Field(description=f"one query text or a list of 1 to {MAX_QUERIES}; none blank, "
-                                                   f"each at most {MAX_QUERY_CHARS} characters")
-    model: StrictStr | None = Field(None, description="ignored: the app serves one model")
-
-    @field_validator("input")
-    @classmethod
-    def _bounded(cls, value):
-        if isinstance(value, list) and not 1 <= len(value) <= MAX_QUERIES:
-            raise ValueError(f"must hold 1 to {MAX_QUERIES} texts, got {len(value)}")
-        return value
-
-
-class Embedding(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: list[float]
-
-
-class EmbeddingsResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Embedding]
-    model: str
-
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="what was wrong, naming the field for client errors")
-    detail: list[dict] | None = Field(None, description="one entry per invalid field (422 only)")
-
-
-ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
-    400: "malformed request", 401: "missing or wrong API key", 411: "a body without Content-Length",
-    413: f"body over {MAX_BODY_BYTES} bytes", 422: "a field is invalid (named in `error`)",
-    500: "internal error", 503: "overloaded or no usable index: retry after `Retry-After` seconds",
-    504: "not answered within the app's timeout_s (the work is cancelled)"}.items()}
-# Answered by Serve's proxy, before the app, in plain text: past http_options.request_timeout_s (or a
-# client's shorter x-request-timeout-seconds), and when SearchAPI's own max_queued_requests is full.
-PLAIN = {"text/plain": {"schema": {"type": "string"}}}
-ERRORS[408] = {"description": "request timed out (Serve's proxy, plain text)", "content": PLAIN}
-ERRORS[503]["content"] = {"application/json": {"schema": ErrorResponse.model_json_schema()}, **PLAIN}
-
-
-class Hit(BaseModel):
-    id: int
-    image_id: str
-    score: float
-    text: str
-
-
-class SearchResponse(BaseModel):
-    results: list[list[Hit]]
-    index: str
 
 
 @serve.deployment(max_ongoing_requests=32)
