@@ -456,7 +456,9 @@ class ExperimentConfig(Config):
 
     Every arm (``optical_ray.experiment.ARMS``) starts from the same student and teacher, trains on the
     same data for the same steps with the same seeds, and gets the same sweep budget on the dev set
-    over its own knobs. Finished runs are recorded under ``results_dir/runs`` and skipped on the next call.
+    over its own knobs. Then, optionally, the same arms with a teacher chosen on dev (``teachers``) and
+    a longer run per curve arm (``curve``). Finished runs are recorded under ``results_dir`` and skipped
+    on the next call.
     """
 
     distill: DistillConfig = Field(default_factory=DistillConfig)  # data, steps shared by every arm
