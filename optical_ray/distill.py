@@ -97,6 +97,8 @@ class Learner:
     Subclasses: :class:`Distiller` (bitext, from a frozen teacher) and
     :class:`optical_ray.teacher.CaptionRetrieval` (a teacher trained on caption pairs)."""
 
+    name = "train"  # what the progress bar calls the run
+
     def __init__(self, cfg: TrainingConfig, student: Encoder, model: torch.nn.Module | None = None):
         self.cfg, self.student = cfg, student
         self.model = model if model is not None else student
@@ -158,6 +160,8 @@ class Learner:
 class Distiller(Learner):
     """Distillation on (english, translation) bitext: the student's translation against the frozen
     teacher's English, with the OT / contrastive / MSE objective of :mod:`optical_ray.losses`."""
+
+    name = "distill"
 
     def __init__(self, cfg: DistillConfig, student: Encoder, teacher: Encoder, model: torch.nn.Module | None = None):
         super().__init__(cfg, student, model)
@@ -277,7 +281,7 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
             log.info("resumed from step %d (%d pairs consumed)", learner.step_count, learner.step_count * cfg.batch_size)
     dev_captions = learner.dev_captions() if rank == 0 else None
     first_step, start = learner.step_count, time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=first_step, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=first_step, desc=learner.name, unit="step", disable=not progress)
     with contextlib.closing(prefetched(learner.batches(learner.step_count, rank, world), learner.prepare)) as stream:
         while learner.step_count < cfg.steps:
             (first, second), inputs = next(stream)

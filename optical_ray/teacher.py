@@ -47,6 +47,8 @@ class CaptionRetrieval(Learner):
     """InfoNCE between the query encoding of one caption and the passage encoding of another caption
     of the same image, at temperature ``cfg.temperature``."""
 
+    name = "teacher"
+
     @classmethod
     def create(cls, cfg: TeacherConfig, device: torch.device, wrap=None) -> CaptionRetrieval:
         student = Encoder.load(cfg.student, max_length=cfg.max_length).to(device)
