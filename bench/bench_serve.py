@@ -39,7 +39,7 @@ from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
 from optical_ray.data import read_captions
-from optical_ray.models import Encoder
+from optical_ray.encoder import Encoder
 
 CLIENTS = (1, 4, 16)
 

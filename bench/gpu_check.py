@@ -31,8 +31,9 @@ import torch
 from optical_ray.config import DistillConfig, load_config
 from optical_ray.data import batches
 from optical_ray.distill import Distiller, load_bitext, load_models, prefetched
+from optical_ray.encoder import Encoder
 from optical_ray.losses import LossWeights
-from optical_ray.models import E5_PROMPTS, Encoder
+from optical_ray.model_store import E5_PROMPTS
 from optical_ray.ot import transport_cost
 
 # Dense bf16 peak (no sparsity), from the vendors' data sheets.
@@ -261,7 +262,7 @@ def main() -> None:
         if args.student:
             model_dir = Path(args.student)
         else:
-            from optical_ray.models import student_init_path
+            from optical_ray.model_store import student_init_path
 
             model_dir = build_student(Path(tmp) / "student", args.tokenizer or str(student_init_path()), args.tiny)
         result["student"] = "random weights, mE5-small shape" if not (args.student or args.tiny) else str(args.student or "tiny")

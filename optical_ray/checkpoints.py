@@ -3,7 +3,7 @@
 A checkpoint is a folder:
 
 * the student as a model folder (``model.safetensors``, tokenizer, ``optical_ray.json``): loadable by
-  :meth:`optical_ray.models.Encoder.load` like any saved student;
+  :meth:`optical_ray.encoder.Encoder.load` like any saved student;
 * ``train_state.pt``: optimizer, learning-rate schedule, step and pairs consumed (tensors and plain
   values only: read back with ``torch.load(weights_only=True)``);
 * ``run.json``: the config fields that decide what is trained (:func:`optical_ray.config.training_fields`);

@@ -13,8 +13,8 @@ def _csv(value: str) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import check_languages, read_captions
+    from .encoder import Encoder
     from .evaluate import evaluate, write_report
-    from .models import Encoder
 
     query_langs = check_languages(args.query_langs, "--query-langs")
     captions = read_captions(args.data, args.drop_blank)
@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--high", type=_csv, default="de,fr,es,zh", help="high-resource group for the gap")
     p.add_argument("--low", type=_csv, default="ay,gn,qu", help="low-resource group for the gap")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128, help="tokens per text")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: what the saved model states, else 128)")
     p.add_argument("--out", required=True, help="output folder")
     _drop_blank_option(p)
     p.set_defaults(func=cmd_eval)

@@ -11,8 +11,8 @@ import pyarrow as pa
 import ray
 
 from . import data
+from .encoder import Encoder
 from .index import build_index, recall_vs_exact, save_index
-from .models import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 from . import checkpoints, data, storage
 from .card import write_model_card
 from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
+from .encoder import Encoder, EncoderOutput
 from .evaluate import evaluate, write_report
 from .losses import DistillationObjective, LossWeights
-from .models import Encoder, EncoderOutput, publish
+from .model_store import publish
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from .config import (
     training_fields,
 )
 from .distill import dev_metrics
-from .evaluate import rank_queries
+from .encoder import Encoder
+from .evaluate import COMPARISON_MAX_LENGTH, rank_queries
 from .losses import LossWeights
-from .models import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def load_test_sets(cfg: ExperimentConfig) -> list[TestData]:
 
 
 def evaluate_model(model: str, tests: list[TestData]) -> dict:
-    encoder = Encoder.load(model)
+    encoder = Encoder.load(model, max_length=COMPARISON_MAX_LENGTH)
     return {t.spec.name: {lang: pack_ranks(r) for lang, r in rank_queries(
         encoder, t.captions, t.spec.query_langs, progress=False, mask_source=t.spec.protocol == "semantic").items()}
         for t in tests}

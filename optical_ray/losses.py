@@ -1,5 +1,5 @@
 """Distillation losses. Each is a small ``nn.Module`` taking the teacher's and the student's
-:class:`~optical_ray.models.EncoderOutput` for a batch of (English, translation) pairs.
+:class:`~optical_ray.encoder.EncoderOutput` for a batch of (English, translation) pairs.
 
 * :class:`OTDistillationLoss` -- token alignment by optimal transport (OPTICAL).
 * :class:`ContrastiveLoss` -- symmetric InfoNCE between sentence embeddings.
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from .models import EncoderOutput
+from .encoder import EncoderOutput
 from .ot import MAX_ITER, transport_cost
 
 

@@ -2,7 +2,7 @@
 
 The transformer is exported once with ``torch.onnx`` (token ids + attention mask -> token states), and
 optionally quantised to int8 weights with ONNX Runtime's dynamic quantisation; tokenising, mean pooling
-and the L2 norm stay exactly those of :class:`optical_ray.models.Encoder`, so the two backends differ
+and the L2 norm stay exactly those of :class:`optical_ray.encoder.Encoder`, so the two backends differ
 only in how the matrix products are computed. The files sit where sentence-transformers looks for them
 (``onnx/model.onnx``, ``onnx/model_qint8.onnx`` in the model folder) or, when the folder is not
 writable (a shipped or downloaded model), in the local model cache.
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .models import Encoder, cache_dir, resolve_model
+from .encoder import Encoder
+from .model_store import cache_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,10 @@ def export(model: str | os.PathLike, backend: str = "onnx") -> Path:
 
 
 class OnnxEncoder:
-    """:meth:`optical_ray.models.Encoder.encode` on ONNX Runtime (CPU): the same tokens, pooling and
+    """:meth:`optical_ray.encoder.Encoder.encode` on ONNX Runtime (CPU): the same tokens, pooling and
     normalisation; ``threads`` caps ONNX Runtime's intra-op threads (0: its default)."""
 
-    def __init__(self, model: str | os.PathLike, backend: str = "onnx", max_length: int = 128, threads: int = 0):
+    def __init__(self, model: str | os.PathLike, backend: str = "onnx", max_length: int | None = None, threads: int = 0):
         import onnxruntime as ort
 
         self.tokenizer_side = Encoder.load(model, max_length=max_length)
@@ -114,7 +115,7 @@ class OnnxEncoder:
         return out
 
 
-def load_query_encoder(model: str, backend: str = "torch", max_length: int = 128):
+def load_query_encoder(model: str, backend: str = "torch", max_length: int | None = None):
     """The encoder a service embeds queries with: :class:`Encoder` ("torch") or :class:`OnnxEncoder`."""
     if backend not in BACKENDS:
         raise ValueError(f"encoder backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

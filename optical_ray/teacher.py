@@ -27,9 +27,9 @@ import torch
 from . import data, metrics, storage
 from .config import TeacherConfig
 from .distill import Learner, split_output
+from .encoder import Encoder
 from .evaluate import evaluate, rank_queries
 from .losses import info_nce
-from .models import Encoder
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,9 @@ from . import checkpoints, data, storage
 from .card import write_model_card
 from .config import ConfigError, DistillConfig, TeacherConfig, TrainingConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
+from .encoder import Encoder
 from .evaluate import write_report
-from .models import Encoder, publish
+from .model_store import publish
 
 log = logging.getLogger(__name__)
 

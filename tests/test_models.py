@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from optical_ray.models import Encoder, resolve_model
+from optical_ray.encoder import Encoder
+from optical_ray.model_store import resolve_model
 
 TEXTS = ["A man rides a bicycle.", "Zwei Kinder spielen im Sand am Strand.", "Una mujer lee."]
 
@@ -77,7 +78,7 @@ def test_saved_tokenizer_names_a_class_transformers_4_knows(tmp_path, tiny_model
     to it) cannot load; a saved student names the concrete fast class, and still loads here unchanged."""
     import json
 
-    from optical_ray.models import name_tokenizer_class
+    from optical_ray.st_folder import name_tokenizer_class
 
     encoder = Encoder.load(tiny_model_dir)
     saved = encoder.save(tmp_path / "student")
@@ -90,3 +91,22 @@ def test_saved_tokenizer_names_a_class_transformers_4_knows(tmp_path, tiny_model
     texts = ["Ein Hund rennt über eine Wiese.", "Allqu pampapi phawan."]
     again = Encoder.load(saved)
     assert again.tokenize(texts, "query")["input_ids"].tolist() == encoder.tokenize(texts, "query")["input_ids"].tolist()
+
+
+def test_load_encodes_at_the_length_the_folder_states(tiny_model_dir, tmp_path):
+    """A student trained at 64 tokens says so in its folder; every reader then encodes at 64 unless it
+    asks for a length (as comparisons of several models do)."""
+    import json
+
+    saved = Encoder(*_parts(Encoder.load(tiny_model_dir)), max_length=64).save(tmp_path / "student")
+    assert json.loads((saved / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    assert Encoder.load(saved).max_length == 64
+    assert Encoder.load(saved, max_length=128).max_length == 128
+    long_text = " ".join(["Hund"] * 200)
+    assert Encoder.load(saved).tokenize([long_text])["input_ids"].shape[1] == 64
+    (saved / "sentence_bert_config.json").unlink()
+    assert Encoder.load(saved).max_length == 128  # a folder that does not say: the default
+
+
+def _parts(encoder: Encoder) -> tuple:
+    return encoder.model, encoder.tokenizer, encoder.prompts

@@ -15,7 +15,7 @@ import yaml
 
 from optical_ray import storage
 from optical_ray.config import DistillConfig, load_config, to_dict
-from optical_ray.models import Encoder
+from optical_ray.encoder import Encoder
 from optical_ray.train import run_training
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import pytest
 
 from optical_ray.config import SAMPLE_DIR
 from optical_ray.data import read_captions
+from optical_ray.encoder import Encoder
 from optical_ray.evaluate import evaluate
-from optical_ray.models import Encoder
 from optical_ray.onnx_encoder import OnnxEncoder, load_query_encoder, onnx_folder
 
 pytest.importorskip("onnxruntime")

@@ -124,7 +124,7 @@ def test_search_finds_the_captions_of_the_query_image(service):
 
 
 def test_embeddings_are_the_students_query_vectors_in_openais_shape(service):
-    from optical_ray.models import Encoder
+    from optical_ray.encoder import Encoder
 
     texts = ["Ein Hund rennt über eine Wiese.", "Allqu pampapi phawaykachan."]
     response = httpx.post(f"{service['url']}/embeddings", json={"input": texts, "model": "anything"}, timeout=60)

@@ -11,8 +11,8 @@ import yaml
 from optical_ray import data
 from optical_ray.config import SAMPLE_DIR, TeacherConfig, load_config
 from optical_ray.distill import distill
+from optical_ray.encoder import Encoder
 from optical_ray.losses import info_nce
-from optical_ray.models import Encoder
 from optical_ray.teacher import CaptionRetrieval, training_pairs
 
 

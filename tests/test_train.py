@@ -7,7 +7,7 @@ import pytest
 from optical_ray import storage
 from optical_ray.config import DistillConfig, load_config
 from optical_ray.data import DataError
-from optical_ray.models import Encoder
+from optical_ray.encoder import Encoder
 from optical_ray.train import run_training
 
 

@@ -49,7 +49,7 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray.index import load_index
-from optical_ray.models import resolve_model
+from optical_ray.model_store import resolve_model
 from optical_ray.onnx_encoder import BACKENDS, load_query_encoder
 from optical_ray.service.schemas import (
     ERRORS,

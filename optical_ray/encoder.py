@@ -1,0 +1,147 @@
+"""A text encoder: tokenizer + transformer + mean pooling + L2 norm.
+
+An :class:`Encoder` exposes token states (for optimal-transport distillation) and sentence embeddings
+(for the contrastive and MSE losses and for retrieval). It loads anything
+:func:`optical_ray.model_store.resolve_model` resolves and saves in the :mod:`optical_ray.st_folder`
+format, which ``transformers.AutoModel`` and ``sentence_transformers.SentenceTransformer`` load unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import st_folder
+from .model_store import resolve_model
+
+DEFAULT_MAX_LENGTH = 128  # for a folder that does not say (sentence_bert_config.json absent)
+
+
+@dataclass
+class EncoderOutput:
+    token_states: torch.Tensor  # [B, L, H]
+    content_mask: torch.Tensor  # [B, L] bool: real text tokens (no specials, prompt or padding)
+    embedding: torch.Tensor  # [B, H], L2-normalised mean of token states over the attention mask
+
+
+# A fast tokenizer sets padding and truncation on its Rust object at every call, so two threads calling
+# it at once fail ("Already borrowed"); training prepares the next batches in a background thread
+# while the main thread may be evaluating.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+class Encoder(nn.Module):
+    """Tokenizer + transformer + mean pooling + L2 norm.
+
+    ``prompts`` maps a prompt name ("query", "passage") to the text prepended before tokenising, as
+    E5 expects; models without prompts (MiniLM) use the text as it is.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, prompts: dict[str, str] | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompts = dict(prompts or {})
+        self.max_length = max_length
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike, max_length: int | None = None) -> Encoder:
+        """A model by name or location (see :func:`~optical_ray.model_store.resolve_model`), encoding
+        at ``max_length`` tokens or, by default, at the length the saved folder states."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # MiniLM's unused pooler is reported on every load
+        hf_logging.disable_progress_bar()
+        path = resolve_model(name_or_path)
+        model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        settings = st_folder.read_settings(path)
+        length = max_length or settings.max_seq_length or DEFAULT_MAX_LENGTH
+        return cls(model, tokenizer, prompts=settings.prompts, max_length=length)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: list[str], prompt: str | list[str | None] | None = None) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask and content mask for ``texts``, each prefixed with its prompt:
+        one prompt name for all texts, or one per text (so queries and passages can share a batch)."""
+        names = prompt if isinstance(prompt, list) else [prompt] * len(texts)
+        if len(names) != len(texts):
+            raise ValueError(f"{len(names)} prompts for {len(texts)} texts")
+        prefixes = [self.prompts.get(name, "") if name else "" for name in names]
+        with _TOKENIZER_LOCK:
+            batch = self.tokenizer(
+                [prefix + t for prefix, t in zip(prefixes, texts)], padding=True, truncation=True,
+                max_length=self.max_length, return_tensors="pt", return_offsets_mapping=True,
+            )
+        offsets = batch.pop("offset_mapping")
+        prefix_len = torch.tensor([len(prefix) for prefix in prefixes]).unsqueeze(-1)
+        # A token is text when it covers a character past the prompt; specials and padding cover
+        # none. (The first word's token also covers the space that ends the prompt.)
+        content = (offsets[..., 1] > offsets[..., 0]) & (offsets[..., 1] > prefix_len)
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "content_mask": content & batch["attention_mask"].bool(),
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> EncoderOutput:
+        device = self.device
+        attention = batch["attention_mask"].to(device)
+        states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=attention).last_hidden_state
+        weights = attention.unsqueeze(-1).to(states.dtype)
+        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return EncoderOutput(
+            token_states=states,
+            content_mask=batch["content_mask"].to(device),
+            embedding=nn.functional.normalize(pooled, dim=-1),
+        )
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
+               progress: str | None = None) -> np.ndarray:
+        """Sentence embeddings as float32 numpy, [len(texts), dim]. Texts are sorted by length so
+        batches carry little padding; the output keeps the input order."""
+        was_training = self.training
+        self.eval()
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        starts = range(0, len(texts), batch_size)
+        for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
+            idx = order[start : start + batch_size]
+            emb = self(self.tokenize([texts[i] for i in idx], prompt)).embedding
+            out[idx] = emb.float().cpu().numpy()
+        self.train(was_training)
+        return out
+
+    def load_weights(self, folder: str | os.PathLike) -> None:
+        """Load the transformer weights a saved folder holds (strictly: every weight present, none else),
+        less the identity pooler that :meth:`save` adds for ``AutoModel`` and this encoder never uses."""
+        from safetensors.torch import load_file
+
+        state = load_file(Path(folder) / "model.safetensors", device=str(self.device))
+        if getattr(self.model, "pooler", None) is None:
+            state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
+        self.model.load_state_dict(state)
+
+    def freeze_word_embeddings(self) -> None:
+        """Freeze the word-embedding matrix: for mE5-small it is 82% of the parameters, and training
+        it makes a CPU step about 12x slower while the transformer layers do the aligning."""
+        self.model.get_input_embeddings().weight.requires_grad_(False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a sentence-transformers folder that states this encoder's prompts and length."""
+        return st_folder.write(path, self.model, self.tokenizer, st_folder.FolderSettings(self.prompts, self.max_length))
