@@ -102,8 +102,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     from .reports import answer_lines
 
     cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
-    _connect_ray(args)
-    results = run_experiment(cfg)
+    if not args.report_only:
+        _connect_ray(args)
+    results = run_experiment(cfg, recorded_only=args.report_only)
     print("\n".join(answer_lines(results)))
     print(f"report: {cfg.results_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
 
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "set and writes RESULTS.md, results.json and plots to results_dir. Finished "
                                    "runs are recorded and skipped when run again. See configs/experiment.yaml.")
     _config_options(p, "ExperimentConfig", "distill.steps=500")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: rewrite RESULTS.md, results.json and the plots from the "
+                        "runs recorded so far (e.g. while the experiment runs elsewhere)")
     p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")

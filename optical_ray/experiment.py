@@ -100,12 +100,16 @@ def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params:
         "data.dev_languages": [lang for lang in d.dev_languages if lang not in held],
         "data.high_resource": [lang for lang in d.high_resource if lang not in held],
         "data.low_resource": [lang for lang in d.low_resource if lang not in held],
-        "output_dir": str(Path(cfg.out_dir) / "arms" / name),
-        "ray.storage_path": str((Path(cfg.out_dir) / "ray").resolve()),
-        "ray.name": name,
+        **placement(cfg, name),
         **{KNOBS[k]: v for k, v in (params or {}).items()},
     }
     return derive(cfg.distill, overrides)
+
+
+def placement(cfg: ExperimentConfig, name: str) -> dict:
+    """Where a run named ``name`` writes: its student under out_dir/arms, its Ray storage under out_dir/ray."""
+    return {"output_dir": str(Path(cfg.out_dir) / "arms" / name),
+            "ray.storage_path": str((Path(cfg.out_dir) / "ray").resolve()), "ray.name": name}
 
 
 def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
@@ -144,15 +148,7 @@ class TestData:
 
 def load_test_sets(cfg: ExperimentConfig) -> list[TestData]:
     tests = []
-    for spec in cfg.test_sets:
-        if spec.protocol not in ("translation", "semantic", "independent"):
-            raise ValueError(f"test set {spec.name}: protocol must be translation, semantic or independent, "
-                             f"got {spec.protocol!r}")
-        for gap, pair in spec.gaps.items():
-            missing = [g for g in pair if g not in spec.groups]
-            if len(pair) != 2 or missing:
-                raise ValueError(f"test set {spec.name}: gap {gap} must name two of the groups "
-                                 f"{', '.join(spec.groups)}, got {pair}")
+    for spec in cfg.test_sets:  # protocol and gaps are checked where the config is read (config.TestSet)
         captions = data.without_images(data.read_captions(spec.data), spec.exclude_images_from)
         images = {lang: data.query_captions(captions, lang)["image_id"].to_numpy(zero_copy_only=False)
                   for lang in spec.query_langs}
@@ -185,10 +181,11 @@ def sweep_key(sweep: SweepConfig) -> str:
 
 
 class Runner:
-    """Runs (or finds recorded) sweeps and runs; everything it returns is a record."""
+    """Runs (or finds recorded) sweeps and runs; everything it returns is a record. With
+    ``recorded_only`` it runs nothing and returns None for what is not recorded yet."""
 
-    def __init__(self, cfg: ExperimentConfig, tests: list[TestData]):
-        self.cfg, self.tests = cfg, tests
+    def __init__(self, cfg: ExperimentConfig, tests: list[TestData], recorded_only: bool = False):
+        self.cfg, self.tests, self.recorded_only = cfg, tests, recorded_only
         self.results = Path(cfg.results_dir)
         self.tests_key = [to_dict(t.spec) for t in tests]
 
@@ -196,29 +193,34 @@ class Runner:
         student = self.cfg.distill.student
         key = config_key({"student": student, "tests": self.tests_key})
         path = self.results / "runs" / f"none-{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        if path.exists() or self.recorded_only:
+            return json.loads(path.read_text()) if path.exists() else None
         started = time.time()
         record = {"arm": "none", "seed": None, "key": key, "params": {}, "student": student,
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
         write_record(path, record)
         return record
 
-    def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict:
+    def run_config(self, arm: str, seed: int, teacher: str, params: dict) -> tuple[DistillConfig, str, Path]:
+        """One run's config, its key and its record's path (named by arm, seed and key)."""
+        arm_cfg = arm_config(self.cfg, arm, teacher, seed, params)
+        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
+        return arm_cfg, key, self.results / "runs" / f"{arm.replace('+', '-')}-seed{seed}-{key}.json"
+
+    def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict | None:
         from .train import run_training
 
-        stem = f"{arm.replace('+', '-')}-seed{seed}"
-        key = config_key({"arm": arm, "distill": training_fields(arm_config(self.cfg, arm, teacher, seed, params)),
-                          "tests": self.tests_key})
-        path = self.results / "runs" / f"{stem}-{key}.json"
+        arm_cfg, key, path = self.run_config(arm, seed, teacher, params)
         if path.exists():
             log.info("%s seed %d: recorded in %s, skipped", arm, seed, path)
             return json.loads(path.read_text())
+        if self.recorded_only:
+            return None
         # Runs of the baseline teacher's tuned arms are named by arm and seed; any other run of the same
         # arm and seed (another teacher, the teacher choice's default knobs) also by its key, so its Ray
         # storage is its own (a run folder holding another config is refused).
-        tuned_baseline = teacher == self.cfg.teachers[0] and bool(params)
-        arm_cfg = arm_config(self.cfg, arm, teacher, seed, params, run=stem if tuned_baseline else f"{stem}-{key}")
+        if not (teacher == self.cfg.teachers[0] and params):
+            arm_cfg = derive(arm_cfg, placement(self.cfg, path.stem))
         started = time.time()
         student = str(run_training(arm_cfg))
         dev = json.loads((Path(arm_cfg.output_dir) / "dev" / "report.json").read_text())
@@ -240,14 +242,14 @@ class Runner:
         arm_cfg = derive(base, {"steps": curve.steps, "checkpoint_every": curve.every, "eval_every": curve.every,
                                 "ray.num_to_keep": curve.steps // curve.every + 1})
         key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
-        arm_cfg = derive(arm_cfg, {"ray.name": f"{stem}-{key}", "output_dir": str(Path(self.cfg.out_dir) / "arms" / f"{stem}-{key}")})
+        arm_cfg = derive(arm_cfg, placement(self.cfg, f"{stem}-{key}"))
         path = self.results / "curves" / f"{stem}-{key}.json"
         wanted = list(range(curve.every, curve.steps + 1, curve.every))
         record = json.loads(path.read_text()) if path.exists() else {
             "arm": arm, "seed": curve.seed, "key": key, "teacher": teacher, "params": params,
             "config": training_fields(arm_cfg), "batch_size": arm_cfg.batch_size, "points": {}}
-        if all(str(s) in record["points"] for s in wanted):
-            return record
+        if all(str(s) in record["points"] for s in wanted) or self.recorded_only:
+            return record if record["points"] else None
         folder = Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name
         if not (folder / f"step_{curve.steps:07d}").exists():
             from .train import run_training
@@ -279,8 +281,10 @@ class Runner:
                                     "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
         path = self.results / "teachers" / f"{name}.json"
         model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
-        if path.exists() and Path(model).exists():
+        if path.exists() and (Path(model).exists() or self.recorded_only):  # a report needs no model
             return json.loads(path.read_text())
+        if self.recorded_only:
+            return None
         started = time.time()
         _, report = train_teacher(teacher_cfg)
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
@@ -294,8 +298,8 @@ class Runner:
         sweep = sweep_config(self.cfg, arm, teacher)
         key = sweep_key(sweep)
         path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        if path.exists() or self.recorded_only:
+            return json.loads(path.read_text()) if path.exists() else None
         sweep.name = f"{arm.replace('+', '-')}-{key}"
         result = run_sweep(sweep, resume=True)
         if result.best is None:
@@ -306,8 +310,9 @@ class Runner:
         return record
 
 
-def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[str, dict[str, float]]:
-    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev."""
+def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[str | None, dict[str, float]]:
+    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev
+    (None while a candidate's run is not recorded and the runner runs nothing)."""
     from .tune import OBJECTIVES
 
     if len(candidates) == 1:
@@ -315,55 +320,69 @@ def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str])
     scores = {}
     for teacher in candidates:
         record = runner.trained("mse", cfg.seeds[0], teacher, params={})
+        if record is None:
+            return None, scores
         scores[teacher] = float(OBJECTIVES[cfg.sweep.objective](record["dev"]))
     teacher = max(scores, key=scores.get)
     log.info("teacher chosen on dev: %s (%s)", teacher, scores)
     return teacher, scores
 
 
-def run_experiment(cfg: ExperimentConfig) -> dict:
+def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
     (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
     listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
-    Results are rewritten after each run."""
+    Results are rewritten after each run. ``recorded_only``: train and evaluate nothing, only write the
+    results of what is recorded so far."""
     from .reports import write_results
 
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)
-    runner = Runner(cfg, tests)
+    runner = Runner(cfg, tests, recorded_only)
     untrained = [runner.untrained()] if "none" in cfg.arms else []  # first: it checks every test set cheaply
+    untrained = [r for r in untrained if r is not None]
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
     baseline = cfg.teachers[0]
-    runs = {baseline: Teacher(baseline, {arm: runner.sweep(arm, baseline) for arm in trained})}
+    sweeps = {arm: runner.sweep(arm, baseline) for arm in trained}
+    runs = {baseline: Teacher(baseline, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})}
     task_teacher, choice, curves = None, {}, []
 
     def report() -> dict:
         return write_results(cfg, tests, untrained, runs, task_teacher, choice, curves)
 
+    def progress() -> None:
+        if not recorded_only:  # one report at the end is enough when nothing runs
+            report()
+
     def run_arms(teacher: Teacher) -> None:
         for seed in cfg.seeds:
-            for arm in trained:
-                teacher.records.append(runner.trained(arm, seed, teacher.name, teacher.sweeps[arm]["params"]))
-                report()
+            for arm in teacher.sweeps:
+                record = runner.trained(arm, seed, teacher.name, teacher.sweeps[arm]["params"])
+                if record is not None:
+                    teacher.records.append(record)
+                    progress()
 
-    report()
+    progress()
     run_arms(runs[baseline])
     if len(cfg.teachers) > 1:
         if TASK_TRAINED in cfg.teachers:
             task_teacher = runner.task_teacher()
-        candidates = [task_teacher["model"] if t == TASK_TRAINED else t for t in cfg.teachers]
-        chosen, scores = choose_teacher(cfg, runner, candidates)
-        choice = {"chosen": chosen, "dev_scores": scores}
-        if chosen != baseline:
-            runs[chosen] = Teacher(chosen, {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher
-                                            else runs[baseline].sweeps[arm] for arm in trained})
-            run_arms(runs[chosen])
+        if task_teacher is not None or TASK_TRAINED not in cfg.teachers:
+            candidates = [task_teacher["model"] if t == TASK_TRAINED else t for t in cfg.teachers]
+            chosen, scores = choose_teacher(cfg, runner, candidates)
+            if chosen is not None:
+                choice = {"chosen": chosen, "dev_scores": scores}
+            if chosen not in (None, baseline):
+                sweeps = {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher else sweep
+                          for arm, sweep in runs[baseline].sweeps.items()}
+                runs[chosen] = Teacher(chosen, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})
+                run_arms(runs[chosen])
     if cfg.curve:
         for arm in check_arms(cfg.curve.arms):
-            curves.append(runner.curve(arm, baseline, runs[baseline].sweeps[arm]["params"]))
-            report()
-    results = report()
-    return results
+            if arm in runs[baseline].sweeps and (curve := runner.curve(arm, baseline, runs[baseline].sweeps[arm]["params"])):
+                curves.append(curve)
+                progress()
+    return report()
 
 
 @dataclass

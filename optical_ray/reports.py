@@ -188,6 +188,11 @@ def clear(interval: list[float]) -> str:
     return "smaller" if hi < 0 else "larger" if lo > 0 else "unclear"
 
 
+def group_r1(summary: dict, langs: list[str]) -> float:
+    """Mean R@1 of a language group in one arm's summary."""
+    return float(np.mean([summary["languages"][lang]["R@1"] for lang in langs]))
+
+
 def answer_lines(results: dict) -> list[str]:
     """The measured answer, one bullet per test set and gap (absolute R@1 gap), then what OT adds
     over contrastive alone."""
@@ -197,13 +202,18 @@ def answer_lines(results: dict) -> list[str]:
         if "none" not in arms or len(arms) < 2:
             continue
         for gap, ref in arms["none"]["gaps"].items():
+            upper, lower = test["gaps"][gap]
             narrowed, widened, same = [], [], []
             for arm, summary in arms.items():
                 if arm == "none":
                     continue
                 entry = summary["gaps"][gap]["abs"]
                 verdict = clear(entry["diff_ci95"]["none"])
-                text = f"{arm_label(arm)} {entry['value']:.3f} ({entry['value'] - ref['abs']['value']:+.3f})"
+                # Whether a gap closed because the low group rose or because the high group fell.
+                moved = [f"{group} {group_r1(summary, langs) - group_r1(arms['none'], langs):+.3f}"
+                         for group, langs in ((upper, ref["upper"]), (lower, ref["lower"]))]
+                text = (f"{arm_label(arm)} {entry['value']:.3f} ({entry['value'] - ref['abs']['value']:+.3f}; "
+                        f"R@1 {', '.join(moved)})")
                 {"smaller": narrowed, "larger": widened, "unclear": same}[verdict].append(text)
             groups = f"{', '.join(ref['upper'])} − {', '.join(ref['lower'])}"
             parts = [f"narrowed by {'; '.join(narrowed)}" if narrowed else "narrowed by no arm",

@@ -158,6 +158,22 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     again = run_experiment(cfg)
     assert again["tests"] == json.loads(json.dumps(results["tests"]))
 
+    # --report-only: the results of what is recorded, nothing trained or evaluated, even with runs missing.
+    import shutil
+
+    import optical_ray.experiment
+
+    monkeypatch.setattr(optical_ray.experiment, "evaluate_model", refuse)
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial)
+    [baseline_run] = [p for p in (partial / "runs").glob("ot-contrastive-seed0-*.json")
+                      if json.loads(p.read_text())["teacher"] == str(tiny_teacher_dir)]
+    baseline_run.unlink()
+    reported = run_experiment(cfg.model_copy(update={"results_dir": str(partial)}), recorded_only=True)
+    assert reported["status"]["runs"] == saved["status"]["runs"] - 1 and not reported["status"]["complete"]
+    assert "ot+contrastive" not in reported["tests"]["sample_2018"]["arms"]
+    assert reported["tests"]["sample_2018"]["arms"]["none"]["languages"] == saved["tests"]["sample_2018"]["arms"]["none"]["languages"]
+
 
 def test_the_committed_sweep_records_are_still_found_by_their_keys():
     """A change to the configs' schema must not orphan finished work: every committed sweep record of
@@ -174,6 +190,21 @@ def test_the_committed_sweep_records_are_still_found_by_their_keys():
     for path in records:
         record = json.loads(path.read_text())
         assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"
+
+
+def test_the_committed_run_records_are_still_found_by_their_keys():
+    """Like the sweeps: every committed run record of configs/experiment.yaml is where this code looks."""
+    from optical_ray.config import ExperimentConfig
+    from optical_ray.experiment import Runner, TestData
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
+    records = sorted((REPO / cfg.results_dir / "runs").glob("*-seed*.json"))
+    if not records:
+        pytest.skip("no run recorded yet")
+    runner = Runner(cfg, [TestData(spec, captions=None, query_images={}) for spec in cfg.test_sets])
+    for path in records:
+        record = json.loads(path.read_text())
+        assert runner.run_config(record["arm"], record["seed"], record["teacher"], record["params"])[2].name == path.name
 
 
 def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
@@ -201,3 +232,27 @@ def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     lo, hi = narrower["change_ci95"]
     assert -1.0 <= lo <= -0.5 <= hi <= 0.0
     assert compare_teachers(test, frozen, frozen, ["mse"], n_resamples=50)["mse"]["low"]["change_ci95"] == [0.0, 0.0]
+
+
+def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
+    """A gap that narrows because the high group got worse must not read like a gain: the answer gives
+    each group's R@1 change beside the gap's (hand-computed case)."""
+    from optical_ray.config import TestSet
+    from optical_ray.experiment import TestData
+    from optical_ray.reports import answer_lines, summarize_test
+
+    spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
+    images = np.array(["a", "b", "c", "d"])
+    test = TestData(spec, captions=None, query_images={"de": images, "qu": images})
+
+    def record(arm, de, qu):
+        return {"arm": arm, "seed": 0, "tests": {"t": {"de": pack_ranks(np.array(de, float)),
+                                                         "qu": pack_ranks(np.array(qu, float))}}}
+
+    records = [record("none", [1, 1, 1, 2], [1, 3, 2, np.inf]),  # de 0.75, qu 0.25: gap 0.50
+               record("mse", [1, 1, 2, 2], [1, 3, 2, np.inf]),   # de 0.50, qu 0.25: gap 0.25, high fell
+               record("ot", [1, 1, 1, 2], [1, 1, 2, np.inf])]    # de 0.75, qu 0.50: gap 0.25, low rose
+    lines = answer_lines({"tests": {"t": summarize_test(test, records, ["none", "mse", "ot"], n_resamples=200)}})
+    assert len(lines) == 1 and "gap `low` (de − qu) = 0.500 without distillation" in lines[0]
+    assert "(1) MSE 0.250 (-0.250; R@1 high -0.250, low +0.000)" in lines[0]
+    assert "(2) OT 0.250 (-0.250; R@1 high +0.000, low +0.250)" in lines[0]
