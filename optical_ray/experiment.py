@@ -310,22 +310,22 @@ class Runner:
         return record
 
 
-def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[str | None, dict[str, float]]:
-    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev
-    (None while a candidate's run is not recorded and the runner runs nothing)."""
+def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[dict, dict[str, dict]]:
+    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev.
+    Returns the choice ({} while a candidate's run is not recorded and the runner runs nothing) and the
+    candidates' runs: the same run under each teacher, which the report also compares on the test sets."""
     from .tune import OBJECTIVES
 
     if len(candidates) == 1:
-        return candidates[0], {}
-    scores = {}
-    for teacher in candidates:
-        record = runner.trained("mse", cfg.seeds[0], teacher, params={})
-        if record is None:
-            return None, scores
-        scores[teacher] = float(OBJECTIVES[cfg.sweep.objective](record["dev"]))
-    teacher = max(scores, key=scores.get)
-    log.info("teacher chosen on dev: %s (%s)", teacher, scores)
-    return teacher, scores
+        return {"chosen": candidates[0], "dev_scores": {}}, {}
+    runs = {teacher: record for teacher in candidates
+            if (record := runner.trained("mse", cfg.seeds[0], teacher, params={})) is not None}
+    if len(runs) < len(candidates):
+        return {}, runs
+    scores = {teacher: float(OBJECTIVES[cfg.sweep.objective](record["dev"])) for teacher, record in runs.items()}
+    chosen = max(scores, key=scores.get)
+    log.info("teacher chosen on dev: %s (%s)", chosen, scores)
+    return {"chosen": chosen, "dev_scores": scores}, runs
 
 
 def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
@@ -345,10 +345,10 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     baseline = cfg.teachers[0]
     sweeps = {arm: runner.sweep(arm, baseline) for arm in trained}
     runs = {baseline: Teacher(baseline, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})}
-    task_teacher, choice, curves = None, {}, []
+    task_teacher, choice, choice_runs, curves = None, {}, {}, []
 
     def report() -> dict:
-        return write_results(cfg, tests, untrained, runs, task_teacher, choice, curves)
+        return write_results(cfg, tests, untrained, runs, task_teacher, choice, curves, choice_runs)
 
     def progress() -> None:
         if not recorded_only:  # one report at the end is enough when nothing runs
@@ -369,9 +369,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
             task_teacher = runner.task_teacher()
         if task_teacher is not None or TASK_TRAINED not in cfg.teachers:
             candidates = [task_teacher["model"] if t == TASK_TRAINED else t for t in cfg.teachers]
-            chosen, scores = choose_teacher(cfg, runner, candidates)
-            if chosen is not None:
-                choice = {"chosen": chosen, "dev_scores": scores}
+            choice, choice_runs = choose_teacher(cfg, runner, candidates)
+            chosen = choice.get("chosen")
             if chosen not in (None, baseline):
                 sweeps = {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher else sweep
                           for arm, sweep in runs[baseline].sweeps.items()}

@@ -106,14 +106,25 @@ def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[s
     return out
 
 
+def choice_comparison(tests, choice_runs: dict[str, dict], baseline: str, n_resamples: int) -> dict:
+    """Per test set, candidate and gap: the choice run's gap under the baseline teacher and under this
+    candidate, with the paired interval of the change. Nothing else differs between choice runs, so this
+    is the teacher's own effect (one seed, default knobs)."""
+    if baseline not in choice_runs:
+        return {}
+    return {t.spec.name: {teacher: compare_teachers(t, [choice_runs[baseline]], [run], ["mse"], n_resamples).get("mse", {})
+                          for teacher, run in choice_runs.items() if teacher != baseline} for t in tests}
+
+
 def sd(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dict, task_teacher: dict | None,
-                  choice: dict, curves: list[dict] = ()) -> dict:
+                  choice: dict, curves: list[dict] = (), choice_runs: dict[str, dict] | None = None) -> dict:
     """results.json, RESULTS.md and plots from the records so far. ``runs``: teacher name -> its
-    :class:`optical_ray.experiment.Teacher` (the baseline first); ``choice``: the teacher choice on dev."""
+    :class:`optical_ray.experiment.Teacher` (the baseline first); ``choice``: the teacher choice on dev;
+    ``choice_runs``: candidate teacher -> its choice run (the same MSE run under each teacher)."""
     trained = [arm for arm in cfg.arms if arm != "none"]
     baseline, *others = runs.values()
     records = untrained + baseline.records
@@ -134,7 +145,9 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     if len(cfg.teachers) > 1:
         results["teacher_choice"] = {"candidates": cfg.teachers, **choice,
                                      "task_trained": task_teacher and {"model": task_teacher["model"],
-                                                                       "report": task_teacher["report"]}}
+                                                                       "report": task_teacher["report"]},
+                                     "vs_baseline": choice_comparison(tests, choice_runs or {}, baseline.name,
+                                                                     cfg.bootstrap)}
     for other in others:
         other_records = untrained + other.records
         results["chosen_teacher"] = {
@@ -317,6 +330,7 @@ def teacher_markdown(results: dict) -> list[str]:
         from .teacher import report_markdown
 
         lines += [report_markdown(task["report"]).split("\n", 2)[2].rstrip(), "", f"Model: `{task['model']}`.", ""]
+    lines += choice_markdown(results)
     if "chosen" not in choice:
         return lines + ["The choice among " + ", ".join(f"`{t}`" for t in choice["candidates"]) + " is not made yet.", ""]
     scores = ", ".join(f"`{t}` {v:.3f}" for t, v in choice["dev_scores"].items())
@@ -339,6 +353,22 @@ def teacher_markdown(results: dict) -> list[str]:
                              f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |")
         lines.append("")
     return lines
+
+
+def choice_markdown(results: dict) -> list[str]:
+    """The choice runs on the test sets: each candidate teacher's MSE student against the first's."""
+    comparison = results["teacher_choice"].get("vs_baseline", {})
+    rows = [f"| {name} | `{teacher}` | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
+            f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |"
+            for name, teachers in comparison.items() for teacher, gaps in teachers.items() for gap, g in gaps.items()]
+    if not rows:
+        return []
+    baseline = results["teacher"]
+    return [(f"The choice runs on the test sets: the same MSE run (default knobs, first seed) distilled from "
+             f"each candidate, its absolute gap against the one distilled from `{baseline}`, with the paired "
+             "95% interval of the change (negative: that teacher narrows the gap)."), "",
+            f"| test set | teacher | gap | with `{baseline}` | with it | change [95% CI] |", "|---|---|---|---|---|---|",
+            *rows, ""]
 
 
 def curves_markdown(results: dict) -> list[str]:

@@ -110,6 +110,11 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     choice = saved["teacher_choice"]
     candidates = [str(tiny_teacher_dir), teacher_record["model"]]
     assert list(choice["dev_scores"]) == candidates and choice["chosen"] == max(candidates, key=choice["dev_scores"].get)
+    # The choice runs differ only in their teacher: compared on the test sets whichever teacher is chosen.
+    by_teacher = choice["vs_baseline"]["sample_2018"][teacher_record["model"]]["trained_low"]
+    lo, hi = by_teacher["change_ci95"]
+    assert lo <= by_teacher["other"] - by_teacher["baseline"] <= hi
+    assert "The choice runs on the test sets" in (out / "RESULTS.md").read_text()
     records = sorted(p.name for p in (out / "runs").glob("*.json"))
     mse_choice_runs = [r for r in records if r.startswith("mse-seed0-")]
     ot_runs = [r for r in records if r.startswith("ot-contrastive-seed0-")]
