@@ -10,10 +10,9 @@ OpenAPI docs at ``/docs``).
     serve run optical_ray.service.app:build_app model=student-init index_uri=runs/index
     serve deploy serve/config.yaml
 
-Fails closed: every route but ``/healthz`` needs the key in ``OPTICAL_RAY_API_KEY``, as ``X-API-Key:
-KEY``, ``Authorization: Bearer KEY`` or HTTP Basic auth with KEY as the password (so a browser can open
-the search page); without the variable the app refuses to start, unless its args say ``auth: none``
-(then it starts open and logs one warning). The key is never logged. Set it in the environment of
+Fails closed (:mod:`optical_ray.service.auth`): every route but ``/healthz`` needs the key in
+``OPTICAL_RAY_API_KEY``; without the variable the app refuses to start, unless its args say ``auth: none``
+(then it starts open and logs one warning). Set it in the environment of
 the Ray node processes (``OPTICAL_RAY_API_KEY=... ray start``, or a Kubernetes Secret in the pod spec),
 never in a runtime_env's ``env_vars``: Ray writes those to its logs and keeps them in the cluster
 state. The ``api_key_env`` argument names another variable, for apps that need keys of their own.
@@ -29,8 +28,6 @@ refused: the replica keeps serving the index it has, logs why, and reports it at
 """
 
 import asyncio
-import base64
-import hmac
 import json
 import logging
 import os
@@ -51,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from optical_ray.index import load_index
 from optical_ray.model_store import resolve_model
 from optical_ray.onnx_encoder import BACKENDS, load_query_encoder
+from optical_ray.service.auth import API_KEY_ENV, allowed, check_auth
 from optical_ray.service.schemas import (
     ERRORS,
     MAX_BODY_BYTES,
@@ -66,8 +64,6 @@ log = logging.getLogger("ray.serve")
 MAX_IN_FLIGHT = 64
 TIMEOUT_S = 25.0  # below serve/config.yaml's request_timeout_s (30), so the app answers first, in JSON
 RETRY_AFTER_S = 1
-API_KEY_ENV = "OPTICAL_RAY_API_KEY"
-OPEN_PATHS = ("/healthz",)
 PAGE = Path(__file__).with_name("search.html")
 LATENCY_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
 
@@ -194,20 +190,6 @@ app = FastAPI(title="optical-ray search",
               description="Cross-lingual caption retrieval with a distilled multilingual encoder and FAISS.")
 
 
-def _presented_key(request: Request) -> str | None:
-    if key := request.headers.get("x-api-key"):
-        return key
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer":
-        return value
-    if scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value).decode().partition(":")[2]
-        except (ValueError, UnicodeDecodeError):
-            return None
-    return None
-
-
 def error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
@@ -216,11 +198,9 @@ def error(status: int, message: str, headers: dict | None = None, **extra) -> JS
 async def guard(request: Request, call_next):
     """API key (fail closed) and body size, before anything reads the body."""
     path = request.scope["path"].removeprefix(request.scope.get("root_path", "").rstrip("/"))
-    if getattr(request.app.state, "auth", "api_key") != "none" and path not in OPEN_PATHS:
-        expected = os.environ.get(getattr(request.app.state, "api_key_env", API_KEY_ENV))
-        presented = _presented_key(request)
-        if not expected or presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
-            return error(401, "missing or wrong API key", {"WWW-Authenticate": 'Basic realm="optical-ray"'})
+    state = request.app.state
+    if not allowed(request, path, getattr(state, "auth", "api_key"), getattr(state, "api_key_env", API_KEY_ENV)):
+        return error(401, "missing or wrong API key", {"WWW-Authenticate": 'Basic realm="optical-ray"'})
     if request.method in ("POST", "PUT", "PATCH"):
         length = request.headers.get("content-length")
         if length is None:
@@ -269,16 +249,6 @@ async def retry_once(call):
     except RayActorError as err:
         log.warning("downstream replica lost (%s): retrying once", type(err).__name__)
         return await call()
-
-
-def check_auth(auth: str, api_key_env: str) -> None:
-    """Refuse to start open by accident: a key in ``api_key_env``, or ``auth: none`` said explicitly."""
-    if auth not in ("api_key", "none"):
-        raise ValueError(f"serve app arg auth must be api_key or none, got {auth!r}")
-    if auth == "api_key" and not os.environ.get(api_key_env):
-        raise RuntimeError(f"refusing to start without an API key: set {api_key_env} in the environment of the Ray "
-                           "nodes (a Kubernetes Secret on KubeRay), or serve without one on purpose with the app "
-                           "arg auth: none")
 
 
 @serve.deployment(max_ongoing_requests=256)
