@@ -443,12 +443,13 @@ TASK_TRAINED = "task-trained"  # the teacher candidate an experiment trains itse
 
 class CurveConfig(Config):
     """How the gap moves with training length: one long run per arm (baseline teacher, the arm's swept
-    knobs), every test set evaluated at each of its checkpoints."""
+    knobs), the test sets evaluated at each of its checkpoints."""
 
     arms: Names = Field(default_factory=lambda: ["mse", "ot+contrastive"])
     steps: PositiveInt = 2000
     every: PositiveInt = 250  # steps between evaluated checkpoints
     seed: NonNegativeInt = 0
+    test_sets: Names = Field(default_factory=list)  # by name; empty: every test set
 
 
 class ExperimentConfig(Config):
@@ -483,4 +484,12 @@ class ExperimentConfig(Config):
     def _task_trained_needs_training(self) -> ExperimentConfig:
         if TASK_TRAINED in self.teachers and self.teacher_training is None:
             raise ValueError(f"teachers lists {TASK_TRAINED!r} but no teacher_training section says how to train it")
+        return self
+
+    @model_validator(mode="after")
+    def _curve_test_sets_exist(self) -> ExperimentConfig:
+        names = [t.name for t in self.test_sets]
+        unknown = [n for n in (self.curve.test_sets if self.curve else []) if n not in names]
+        if unknown:
+            raise ValueError(f"curve.test_sets names {', '.join(unknown)}, not among the test_sets ({', '.join(names)})")
         return self

@@ -234,14 +234,15 @@ class Runner:
 
     def curve(self, arm: str, teacher: str, params: dict) -> dict:
         """One long run of ``arm`` keeping a checkpoint every ``curve.every`` steps, each evaluated on
-        every test set once training is done. The record grows a point per evaluated checkpoint, so an
+        ``curve.test_sets`` (every test set if empty) once training is done. The record grows a point per evaluated checkpoint, so an
         interrupted curve resumes its training (Ray Train) or its evaluations where they stopped."""
         curve = self.cfg.curve
         stem = f"curve-{arm.replace('+', '-')}-seed{curve.seed}"
         base = arm_config(self.cfg, arm, teacher, curve.seed, params)
         arm_cfg = derive(base, {"steps": curve.steps, "checkpoint_every": curve.every, "eval_every": curve.every,
                                 "ray.num_to_keep": curve.steps // curve.every + 1})
-        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
+        tests = [t for t in self.tests if not curve.test_sets or t.spec.name in curve.test_sets]
+        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": [to_dict(t.spec) for t in tests]})
         arm_cfg = derive(arm_cfg, placement(self.cfg, f"{stem}-{key}"))
         path = self.results / "curves" / f"{stem}-{key}.json"
         wanted = list(range(curve.every, curve.steps + 1, curve.every))
@@ -263,7 +264,7 @@ class Runner:
                 continue
             if not checkpoint.exists():
                 raise RuntimeError(f"curve {stem}: no checkpoint at step {step} in {folder}")
-            record["points"][str(step)] = evaluate_model(str(checkpoint), self.tests)
+            record["points"][str(step)] = evaluate_model(str(checkpoint), tests)
             write_record(path, record)
             if step != curve.steps and not self.cfg.keep_models:
                 shutil.rmtree(checkpoint)  # 0.6 GB each; the last one stays as the finished run's

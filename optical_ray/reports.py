@@ -156,7 +156,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
             "vs_baseline": {t.spec.name: compare_teachers(t, baseline.records, other.records, trained, cfg.bootstrap)
                             for t in tests}}
     if curves:
-        results["curves"] = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap) for t in tests}
+        summaries = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap) for t in tests}
+        results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -375,7 +376,7 @@ def curves_markdown(results: dict) -> list[str]:
     if "curves" not in results:
         return []
     lines = ["## How the gap moves with training length", "",
-             ("One longer run per arm (baseline teacher, the arm's swept knobs, first seed), every test set evaluated "
+             ("One longer run per arm (baseline teacher, the arm's swept knobs, first seed), its test sets evaluated "
              "at each kept checkpoint; absolute gap [95% image-bootstrap interval]. ![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
     for name, arms in results["curves"].items():
         gaps = list(results["tests"][name]["gaps"])

@@ -120,6 +120,8 @@ def test_sweep_and_experiment_ranges(tmp_path):
         load_config(SweepConfig, {"objective": "recall"})
     with pytest.raises(ConfigError, match=r"test_sets\[0\]: gaps.low must name two of the groups \(high\), got \['high', 'low'\]"):
         load_config(ExperimentConfig, {"test_sets": [{"groups": {"high": ["de"]}}]})
+    with pytest.raises(ConfigError, match=r"curve.test_sets names test_2019, not among the test_sets \(test_2018\)"):
+        load_config(ExperimentConfig, {"curve": {"test_sets": ["test_2018", "test_2019"]}})
 
 
 def test_derive_validates_overrides_like_a_file():
