@@ -189,12 +189,17 @@ class Runner:
         self.results = Path(cfg.results_dir)
         self.tests_key = [to_dict(t.spec) for t in tests]
 
+    def _recorded(self, path: Path) -> dict | None:
+        """The record at ``path``, None when there is none. Every method returns it when it exists and,
+        with ``recorded_only``, also when it does not (None) instead of running anything."""
+        return json.loads(path.read_text()) if path.exists() else None
+
     def untrained(self) -> dict:
         student = self.cfg.distill.student
         key = config_key({"student": student, "tests": self.tests_key})
         path = self.results / "runs" / f"none-{key}.json"
-        if path.exists() or self.recorded_only:
-            return json.loads(path.read_text()) if path.exists() else None
+        if (record := self._recorded(path)) is not None or self.recorded_only:
+            return record
         started = time.time()
         record = {"arm": "none", "seed": None, "key": key, "params": {}, "student": student,
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
@@ -211,11 +216,10 @@ class Runner:
         from .train import run_training
 
         arm_cfg, key, path = self.run_config(arm, seed, teacher, params)
-        if path.exists():
+        if (record := self._recorded(path)) is not None:
             log.info("%s seed %d: recorded in %s, skipped", arm, seed, path)
-            return json.loads(path.read_text())
-        if self.recorded_only:
-            return None
+        if record is not None or self.recorded_only:
+            return record
         # Runs of the baseline teacher's tuned arms are named by arm and seed; any other run of the same
         # arm and seed (another teacher, the teacher choice's default knobs) also by its key, so its Ray
         # storage is its own (a run folder holding another config is refused).
@@ -234,8 +238,9 @@ class Runner:
 
     def curve(self, arm: str, teacher: str, params: dict) -> dict:
         """One long run of ``arm`` keeping a checkpoint every ``curve.every`` steps, each evaluated on
-        ``curve.test_sets`` (every test set if empty) once training is done. The record grows a point per evaluated checkpoint, so an
-        interrupted curve resumes its training (Ray Train) or its evaluations where they stopped."""
+        ``curve.test_sets`` (every test set if empty) once training is done. The record grows a point per
+        evaluated checkpoint, so an interrupted curve resumes its training (Ray Train) or its evaluations
+        where they stopped."""
         curve = self.cfg.curve
         stem = f"curve-{arm.replace('+', '-')}-seed{curve.seed}"
         base = arm_config(self.cfg, arm, teacher, curve.seed, params)
@@ -246,7 +251,7 @@ class Runner:
         arm_cfg = derive(arm_cfg, placement(self.cfg, f"{stem}-{key}"))
         path = self.results / "curves" / f"{stem}-{key}.json"
         wanted = list(range(curve.every, curve.steps + 1, curve.every))
-        record = json.loads(path.read_text()) if path.exists() else {
+        record = self._recorded(path) or {
             "arm": arm, "seed": curve.seed, "key": key, "teacher": teacher, "params": params,
             "config": training_fields(arm_cfg), "batch_size": arm_cfg.batch_size, "points": {}}
         if all(str(s) in record["points"] for s in wanted) or self.recorded_only:
@@ -282,10 +287,9 @@ class Runner:
                                     "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
         path = self.results / "teachers" / f"{name}.json"
         model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
-        if path.exists() and (Path(model).exists() or self.recorded_only):  # a report needs no model
-            return json.loads(path.read_text())
-        if self.recorded_only:
-            return None
+        record = self._recorded(path)
+        if self.recorded_only or (record is not None and Path(model).exists()):  # a report needs no model
+            return record
         started = time.time()
         _, report = train_teacher(teacher_cfg)
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
@@ -299,8 +303,8 @@ class Runner:
         sweep = sweep_config(self.cfg, arm, teacher)
         key = sweep_key(sweep)
         path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
-        if path.exists() or self.recorded_only:
-            return json.loads(path.read_text()) if path.exists() else None
+        if (record := self._recorded(path)) is not None or self.recorded_only:
+            return record
         sweep.name = f"{arm.replace('+', '-')}-{key}"
         result = run_sweep(sweep, resume=True)
         if result.best is None:
@@ -340,8 +344,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)
     runner = Runner(cfg, tests, recorded_only)
-    untrained = [runner.untrained()] if "none" in cfg.arms else []  # first: it checks every test set cheaply
-    untrained = [r for r in untrained if r is not None]
+    # First: it checks every test set cheaply.
+    untrained = [r for r in [runner.untrained() if "none" in cfg.arms else None] if r is not None]
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
     baseline = cfg.teachers[0]
     sweeps = {arm: runner.sweep(arm, baseline) for arm in trained}

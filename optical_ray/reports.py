@@ -357,7 +357,7 @@ def teacher_markdown(results: dict) -> list[str]:
 
 
 def choice_markdown(results: dict) -> list[str]:
-    """The choice runs on the test sets: each candidate teacher's MSE student against the first's."""
+    """The choice runs on the test sets: each candidate teacher's MSE student against the baseline's."""
     comparison = results["teacher_choice"].get("vs_baseline", {})
     rows = [f"| {name} | `{teacher}` | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
             f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |"
