@@ -163,6 +163,11 @@ def evaluate_model(model: str, tests: list[TestData]) -> dict:
         for t in tests}
 
 
+def tests_key(tests: list[TestData]) -> list[dict]:
+    """What of the test sets a record's key holds: their specs (a changed test set is a new run)."""
+    return [to_dict(t.spec) for t in tests]
+
+
 def write_record(path: Path, record: dict) -> None:
     """Written whole or not at all: a record that exists is a finished run."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +192,7 @@ class Runner:
     def __init__(self, cfg: ExperimentConfig, tests: list[TestData], recorded_only: bool = False):
         self.cfg, self.tests, self.recorded_only = cfg, tests, recorded_only
         self.results = Path(cfg.results_dir)
-        self.tests_key = [to_dict(t.spec) for t in tests]
+        self.tests_key = tests_key(tests)
 
     def _recorded(self, path: Path) -> dict | None:
         """The record at ``path``, None when there is none. Every method returns it when it exists and,
@@ -247,7 +252,7 @@ class Runner:
         arm_cfg = derive(base, {"steps": curve.steps, "checkpoint_every": curve.every, "eval_every": curve.every,
                                 "ray.num_to_keep": curve.steps // curve.every + 1})
         tests = [t for t in self.tests if not curve.test_sets or t.spec.name in curve.test_sets]
-        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": [to_dict(t.spec) for t in tests]})
+        key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": tests_key(tests)})
         arm_cfg = derive(arm_cfg, placement(self.cfg, f"{stem}-{key}"))
         path = self.results / "curves" / f"{stem}-{key}.json"
         wanted = list(range(curve.every, curve.steps + 1, curve.every))

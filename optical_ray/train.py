@@ -32,7 +32,7 @@ from .config import ConfigError, DistillConfig, TeacherConfig, TrainingConfig, l
 from .distill import fit
 from .encoder import Encoder
 from .evaluate import write_report
-from .model_store import publish
+from .model_store import publish, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,9 @@ def run_training(cfg: TrainingConfig, train_loop: Callable[[dict], None] = train
     # Fail early, in the driver, on what would fail every worker (and every restart) alike.
     if cfg.batch_size % cfg.ray.num_workers:
         raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over ray.num_workers {cfg.ray.num_workers}")
-    Encoder.load(cfg.student)
+    for model in (cfg.student, getattr(cfg, "teacher", None)):
+        if model:
+            resolve_model(model)  # the folder exists (an S3 model is cached once, for every worker)
     if getattr(cfg.data, "bitext", None):
         data.check_bitext_shards(cfg.data.bitext)
     checkpoints.claim(storage.join(cfg.ray.storage_path, cfg.ray.name), cfg)

@@ -71,3 +71,6 @@ def test_a_run_resumed_with_another_config_is_refused_before_any_worker_starts(r
     cfg.steps, cfg.ray.num_workers = 8, 3
     with pytest.raises(ConfigError, match="batch_size 8 does not split evenly over ray.num_workers 3"):
         run_training(cfg)
+    cfg.ray.num_workers, cfg.teacher = 4, f"s3://{s3['bucket']}/teachers/absent"
+    with pytest.raises(FileNotFoundError, match=rf"s3://{s3['bucket']}/teachers/absent.*no config.json"):
+        run_training(cfg)
