@@ -4,6 +4,8 @@ S3 endpoint (moto's server on 127.0.0.1)."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,18 @@ def s3_bitext(s3):
     return pairs
 
 
+def wait_until(condition: Callable, timeout: float, failure: str | Callable[[], str], every: float = 1.0):
+    """Poll ``condition()`` until it returns something truthy and return that. After ``timeout``
+    seconds fail with ``failure``: a message, or a callable that builds one (so logs are read only
+    on failure). A condition may itself assert, to fail early (a process that died)."""
+    deadline = time.time() + timeout
+    while not (value := condition()):
+        if time.time() > deadline:
+            raise AssertionError(failure() if callable(failure) else failure)
+        time.sleep(every)
+    return value
+
+
 def free_port() -> int:
     import socket
 
@@ -116,7 +130,6 @@ def ray_cluster(s3, tmp_path_factory):
     import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
     import ray
@@ -136,16 +149,20 @@ def ray_cluster(s3, tmp_path_factory):
              f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={agent_port}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.time() + 180
-    while True:
+
+    def dashboard_up() -> bool:
+        assert head.poll() is None, f"ray start exited: {log_path.read_text()[-2000:]}"
         try:
             urllib.request.urlopen(f"{dashboard}/api/version", timeout=5)
-            break
+            return True
         except OSError:
-            if head.poll() is not None or time.time() > deadline:
-                head.kill()
-                pytest.fail(f"ray start failed: {log_path.read_text()[-2000:]}")
-            time.sleep(1)
+            return False
+
+    try:
+        wait_until(dashboard_up, 180, lambda: f"ray start did not come up: {log_path.read_text()[-2000:]}")
+    except AssertionError:
+        head.kill()
+        raise
     address = f"127.0.0.1:{port}"
     ray.init(address=address, log_to_driver=False)
     yield {"address": address, "dashboard": dashboard, "temp_dir": temp_dir,
@@ -182,7 +199,6 @@ def worker_nodes(ray_cluster, tmp_path):
     import subprocess
     import sys
     import tempfile
-    import time
 
     import ray
 
@@ -207,12 +223,13 @@ def worker_nodes(ray_cluster, tmp_path):
              f"--temp-dir={tempfile.mkdtemp(prefix='ray-node-')}"],  # short: socket paths are at most 107 bytes
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         nodes.append(node)
-        deadline = time.time() + 120
-        while not live_trainer_nodes() - before:
-            if node.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"worker node did not join: {(tmp_path / f'node-{len(nodes) - 1}.log').read_text()[-2000:]}")
-            time.sleep(1)
-        node.node_id = (live_trainer_nodes() - before).pop()
+        log_path = tmp_path / f"node-{len(nodes) - 1}.log"
+
+        def joined() -> set[str]:
+            assert node.poll() is None, f"worker node exited: {log_path.read_text()[-2000:]}"
+            return live_trainer_nodes() - before
+
+        node.node_id = wait_until(joined, 120, lambda: f"worker node did not join: {log_path.read_text()[-2000:]}").pop()
         address = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node.node_id)
         assert address == "127.0.0.1", f"the worker node is on {address}, not loopback"
         return node
@@ -220,10 +237,8 @@ def worker_nodes(ray_cluster, tmp_path):
     def kill(node: subprocess.Popen) -> None:
         os.killpg(node.pid, signal.SIGKILL)
         node.wait()
-        deadline = time.time() + 120
-        while node.node_id in live_trainer_nodes():  # the head notices the missed health checks
-            assert time.time() < deadline, "the head still lists the killed node"
-            time.sleep(1)
+        # The head notices the missed health checks.
+        wait_until(lambda: node.node_id not in live_trainer_nodes(), 120, "the head still lists the killed node")
 
     yield type("WorkerNodes", (), {"start": staticmethod(start), "kill": staticmethod(kill)})
     for node in nodes:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import wait_until
 
 from optical_ray import storage
 from optical_ray.config import DistillConfig, load_config, to_dict
@@ -63,21 +64,20 @@ def test_a_job_that_loses_its_node_resumes_exactly(ray_cluster, s3, s3_bitext, w
                      "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}},
     )
 
-    deadline = time.time() + 300
-    while not checkpoint_steps(s3, "lost-node"):
+
+    def checkpointed() -> list[int]:
         assert client.get_job_status(job) not in {JobStatus.FAILED, JobStatus.STOPPED}, client.get_job_logs(job)[-3000:]
-        assert time.time() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+        return checkpoint_steps(s3, "lost-node")
+
+    wait_until(checkpointed, 300, "no checkpoint within 300 s", every=0.2)
     time.sleep(1.5)  # the controller registers a reported checkpoint when it next polls the workers
     worker_nodes.kill(first)
     before_loss = checkpoint_steps(s3, "lost-node")
     assert before_loss and before_loss[-1] < STEPS, f"the run finished before its node was lost: {before_loss}"
     worker_nodes.start()
 
-    deadline = time.time() + 480
-    while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.time() < deadline, client.get_job_logs(job)[-3000:]
-        time.sleep(2)
+    wait_until(lambda: client.get_job_status(job) in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}, 480,
+               lambda: client.get_job_logs(job)[-3000:], every=2)
     logs = client.get_job_logs(job)
     assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in logs.splitlines() if "resumed from step" in line]
@@ -122,11 +122,11 @@ def test_a_sweep_that_loses_its_node_finishes_every_trial(ray_cluster, s3, s3_bi
     def keys():
         return [o["Key"] for o in s3["client"].list_objects_v2(Bucket=bucket, Prefix="tune/lost-node/").get("Contents", [])]
 
-    deadline = time.time() + 300
-    while not any("/checkpoint_" in k for k in keys()):
+    def checkpointed() -> bool:
         assert thread.is_alive(), outcome
-        assert time.time() < deadline, "no trial checkpoint within 300 s"
-        time.sleep(0.2)
+        return any("/checkpoint_" in k for k in keys())
+
+    wait_until(checkpointed, 300, "no trial checkpoint within 300 s", every=0.2)
     time.sleep(1.5)
     worker_nodes.kill(first)
     worker_nodes.start()

@@ -5,6 +5,7 @@ page in headless Chromium."""
 
 import asyncio
 import copy
+import functools
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pytest
 import yaml
 from conftest import TEST_API_KEY as API_KEY
-from conftest import TEST_API_KEY_ENV, free_port
+from conftest import TEST_API_KEY_ENV, free_port, wait_until
 from ray import serve
 
 from optical_ray.config import SAMPLE_DIR
@@ -73,13 +74,16 @@ def deploy(config: dict, dashboard: str, tmp_path: Path) -> None:
 
 
 def wait_running(apps=("search", "secure"), timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def running() -> bool:
         status = serve.status().applications
-        if all(a in status and status[a].status == "RUNNING" for a in apps):
-            return
-        time.sleep(1)
-    raise AssertionError(f"serve apps not running: {serve.status()}")
+        return all(a in status and status[a].status == "RUNNING" for a in apps)
+
+    wait_until(running, timeout, lambda: f"serve apps not running: {serve.status()}")
+
+
+def secure_status(service) -> dict:
+    """The secured app's /status: requests in flight and the retriever's index, version and swaps."""
+    return httpx.get(f"{service['url']}/secure/status", headers={"X-API-Key": API_KEY}).json()
 
 
 def encoder_replicas() -> int:
@@ -301,13 +305,12 @@ def test_open_app_warns_and_an_app_without_its_key_refuses_to_start(service, ray
     closed["args"].update(auth="api_key", api_key_env="OPTICAL_RAY_KEY_NOBODY_SET")
     config["applications"].append(closed)
     deploy(config, service["dashboard"], service["tmp"])
-    deadline = time.time() + 180
-    while time.time() < deadline:
+
+    def failed_app():
         app = serve.status().applications.get("closed")
-        if app and app.status == "DEPLOY_FAILED":
-            break
-        time.sleep(1)
-    assert app and app.status == "DEPLOY_FAILED", app
+        return app if app and app.status == "DEPLOY_FAILED" else None
+
+    app = wait_until(failed_app, 180, lambda: f"the app without its key did not fail: {serve.status().applications.get('closed')}")
     assert "refusing to start without an API key" in app.message and "OPTICAL_RAY_KEY_NOBODY_SET" in app.message
     deploy(service["config"], service["dashboard"], service["tmp"])  # and it is gone again
     assert httpx.get(f"{service['url']}/closed/healthz").status_code == 404
@@ -346,19 +349,15 @@ def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster)
 
     outcomes = asyncio.run(abandon())
     assert all(isinstance(o, httpx.TimeoutException) for o in outcomes), outcomes
-    deadline = time.time() + 60
-    while (in_flight := httpx.get(f"{url}/status", headers=key).json()["in_flight"]) != 0:
-        assert time.time() < deadline, f"{in_flight} abandoned requests still in progress"
-        time.sleep(0.5)
-    deadline = time.time() + 90
-    while True:
+    wait_until(lambda: secure_status(service)["in_flight"] == 0, 60,
+               lambda: f"{secure_status(service)['in_flight']} abandoned requests still in progress", every=0.5)
+
+    def cancelled() -> float:
         text = httpx.get(ray_cluster["metrics"], timeout=10).text
-        cancelled = [line for line in text.splitlines()
-                     if line.startswith("ray_optical_ray_search_requests") and 'outcome="cancelled"' in line]
-        if cancelled and sum(float(line.rsplit(" ", 1)[1]) for line in cancelled) >= 1:
-            break
-        assert time.time() < deadline, "no request was recorded as cancelled"
-        time.sleep(3)
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ray_optical_ray_search_requests") and 'outcome="cancelled"' in line)
+
+    wait_until(lambda: cancelled() >= 1, 90, "no request was recorded as cancelled", every=3)
 
 
 def store_bad_indexes(indexes: dict, bucket: str) -> dict:
@@ -390,15 +389,16 @@ def test_bad_index_swaps_roll_back_under_load(service, indexes, s3):
     expected_errors = {"missing": "missing", "tampered": "checksum", "wrong-dim": "32-d"}
     phases, results = [], []
 
+    def failed_swaps(at_least: int) -> dict | None:
+        status = secure_status(service)["retriever"]
+        return status if status["failed_swaps"] >= at_least else None
+
     def swaps():
         for n, (name, uri) in enumerate(bad.items(), start=1):
             config, deployments = app_config(service, "secure")
             deployments["Retriever"]["user_config"] = {"index_uri": uri}
             deploy(config, service["dashboard"], service["tmp"])
-            deadline = time.time() + 120
-            while (status := httpx.get(f"{url}/status", headers=key).json()["retriever"])["failed_swaps"] < n:
-                assert time.time() < deadline, status
-                time.sleep(0.5)
+            status = wait_until(functools.partial(failed_swaps, n), 120, f"{name}: no failed swap", every=0.5)
             phases.append((name, status))
         config, deployments = app_config(service, "secure")
         deployments["Retriever"]["user_config"] = {"index_uri": indexes["hnsw"]}
@@ -430,10 +430,8 @@ def test_bad_index_swaps_roll_back_under_load(service, indexes, s3):
         assert name in status["last_error"] or bad[name] in status["last_error"]
         assert expected_errors[name] in status["last_error"].lower() or name == "missing", status
     assert {index for _, index in results} <= {indexes["flat"], indexes["hnsw"]}
-    deadline = time.time() + 60
-    while httpx.get(f"{url}/status", headers=key).json()["retriever"]["index"] != indexes["hnsw"]:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_until(lambda: secure_status(service)["retriever"]["index"] == indexes["hnsw"], 60,
+               lambda: f"the good index is not served back: {secure_status(service)}", every=0.5)
     deploy(service["config"], service["dashboard"], service["tmp"])
 
 
@@ -472,12 +470,10 @@ def test_chaos_killed_replicas_cost_no_requests_and_come_back_on_the_current_ind
         deployments[name]["num_replicas"] = 2
     deployments["Retriever"]["user_config"] = {"index_uri": root}
     deploy(config, service["dashboard"], service["tmp"])
-    deadline = time.time() + 300
-    while running_replicas("secure", "QueryEncoder") < 2 or running_replicas("secure", "Retriever") < 2:
-        assert time.time() < deadline, serve.status().applications["secure"]
-        time.sleep(1)
+    wait_until(lambda: running_replicas("secure", "QueryEncoder") == running_replicas("secure", "Retriever") == 2, 300,
+               lambda: serve.status().applications["secure"])
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
-    assert httpx.get(f"{url}/status", headers=key).json()["retriever"]["version"] is not None
+    assert secure_status(service)["retriever"]["version"] is not None
 
     publish(indexes["hnsw"], "v2")  # a rebuild: CURRENT moves on, and the old version's files are deleted
     for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
@@ -499,22 +495,21 @@ def test_chaos_killed_replicas_cost_no_requests_and_come_back_on_the_current_ind
     failed = [r for r in results if r[0] != 200]
     assert len(results) == 1200 and len(failed) <= 12, failed[:5]  # error budget: 1%
     recovered = {}
-    deadline = time.time() + 300
-    while len(recovered) < 2:
+
+    def all_recovered() -> bool:
         for deployment, when in killed.items():
             if deployment not in recovered and running_replicas("secure", deployment) == 2:
                 recovered[deployment] = time.time() - when
-        assert time.time() < deadline, serve.status().applications["secure"]
-        time.sleep(0.5)
+        return len(recovered) == 2
+
+    wait_until(all_recovered, 300, lambda: serve.status().applications["secure"], every=0.5)
     print(f"chaos: {len(failed)} of {len(results)} requests failed; recovery (s): {recovered}")
     # The replacement retriever loaded the current version (v2) although v1's files are gone.
     assert any(index == root for _, index in results)
     # Which replica /status reaches is the router's choice; the index-load metric counts every replica.
     current = load_index(indexes["hnsw"]).manifest["version"]
-    deadline = time.time() + 90
-    while f'version="{current}"' not in httpx.get(ray_cluster["metrics"], timeout=10).text:
-        assert time.time() < deadline, "the replacement retriever never loaded the current version"
-        time.sleep(3)
+    wait_until(lambda: f'version="{current}"' in httpx.get(ray_cluster["metrics"], timeout=10).text, 90,
+               "the replacement retriever never loaded the current version", every=3)
     deploy(service["config"], service["dashboard"], service["tmp"])
 
 
@@ -568,10 +563,7 @@ def test_load_with_autoscaling_and_index_hot_swap(service, indexes):
     served_by = {index for _, index in results}
     assert served_by == {indexes["flat"], indexes["hnsw"]}, served_by  # the swap happened under load
     assert max(seen_replicas) > 1, f"QueryEncoder never scaled above 1 replica: {seen_replicas}"
-    deadline = time.time() + 120
-    while encoder_replicas() > 1:
-        assert time.time() < deadline, "QueryEncoder did not scale back down"
-        time.sleep(1)
+    wait_until(lambda: encoder_replicas() == 1, 120, "QueryEncoder did not scale back down")
 
 
 @pytest.mark.timeout(600)
@@ -579,15 +571,13 @@ def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster, s3):
     """Counters and histograms of optical_ray/service/app.py, scraped over HTTP as Prometheus would, after this test
     has caused one of each outcome: answered, shed (max_in_flight 0) and a refused index swap."""
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
-    before = httpx.get(f"{url}/status", headers=key).json()["retriever"]["failed_swaps"]
+    before = secure_status(service)["retriever"]["failed_swaps"]
     config, deployments = app_config(service, "secure")
     deployments["SearchAPI"]["user_config"] = {"max_in_flight": 0}
     deployments["Retriever"]["user_config"] = {"index_uri": f"s3://{s3['bucket']}/index/not-there"}
     deploy(config, service["dashboard"], service["tmp"])
-    deadline = time.time() + 120
-    while httpx.get(f"{url}/status", headers=key).json()["retriever"]["failed_swaps"] <= before:
-        assert time.time() < deadline
-        time.sleep(0.5)
+    wait_until(lambda: secure_status(service)["retriever"]["failed_swaps"] > before, 120,
+               lambda: f"the missing index was not refused: {secure_status(service)}", every=0.5)
     assert httpx.post(f"{url}/search", json={"queries": ["a dog"]}, headers=key).status_code == 503
     deploy(service["config"], service["dashboard"], service["tmp"])
     time.sleep(2)
@@ -596,14 +586,12 @@ def test_metrics_reach_rays_prometheus_endpoint(service, ray_cluster, s3):
               "ray_optical_ray_encode_latency_ms_bucket", "ray_optical_ray_search_latency_ms_bucket",
               "ray_optical_ray_hits", "ray_optical_ray_failed_index_swaps", "ray_optical_ray_index_loads",
               'outcome="shed"', 'outcome="ok"')
-    deadline = time.time() + 90
-    while True:
+
+    def exported() -> str | None:
         text = httpx.get(ray_cluster["metrics"], timeout=10).text
-        missing = [name for name in wanted if name not in text]
-        if not missing:
-            break
-        assert time.time() < deadline, f"not exported: {missing}"
-        time.sleep(3)
+        return text if all(name in text for name in wanted) else None
+
+    text = wait_until(exported, 90, f"not all of {wanted} exported", every=3)
     failed = [line for line in text.splitlines() if line.startswith("ray_optical_ray_failed_index_swaps")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in failed) >= 1
 
@@ -657,10 +645,8 @@ def test_search_page_in_headless_chromium(service, indexes, s3):
         config, deployments = app_config(service, "search")
         deployments["Retriever"]["user_config"] = {"index_uri": uri}
         deploy(config, service["dashboard"], service["tmp"])
-        deadline = time.time() + 120
-        while httpx.post(f"{service['url']}/search", json={"queries": ["x"]}).json()["index"] != uri:
-            assert time.time() < deadline
-            time.sleep(1)
+        wait_until(lambda: httpx.post(f"{service['url']}/search", json={"queries": ["x"]}).json()["index"] == uri, 120,
+                   "the XSS index was never served")
         texts = search(original)
         assert texts[0].startswith(XSS), texts[:2]
         assert browser.find_elements(By.CSS_SELECTOR, "#results img") == [] and browser.title != "pwned"
