@@ -230,6 +230,8 @@ class Runner:
         # storage is its own (a run folder holding another config is refused).
         if not (teacher == self.cfg.teachers[0] and params):
             arm_cfg = derive(arm_cfg, placement(self.cfg, path.stem))
+        log.info("%s seed %d (teacher %s): training and evaluating; Ray storage %s/%s", arm, seed, teacher,
+                 arm_cfg.ray.storage_path, arm_cfg.ray.name)
         started = time.time()
         student = str(run_training(arm_cfg))
         dev = json.loads((Path(arm_cfg.output_dir) / "dev" / "report.json").read_text())
@@ -237,6 +239,7 @@ class Runner:
                   "config": training_fields(arm_cfg), "dev": dev_metrics(dev),
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
         write_record(path, record)
+        log.info("%s seed %d: recorded in %s after %.0f min", arm, seed, path, record["wall_s"] / 60)
         if not self.cfg.keep_models:
             shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)
         return record
@@ -265,6 +268,7 @@ class Runner:
         if not (folder / f"step_{curve.steps:07d}").exists():
             from .train import run_training
 
+            log.info("curve %s: training %d steps; Ray storage %s", stem, curve.steps, folder)
             run_training(arm_cfg)
             if not self.cfg.keep_models:
                 shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)  # the exported copy; checkpoints are evaluated
@@ -276,6 +280,7 @@ class Runner:
                 raise RuntimeError(f"curve {stem}: no checkpoint at step {step} in {folder}")
             record["points"][str(step)] = evaluate_model(str(checkpoint), tests)
             write_record(path, record)
+            log.info("curve %s: step %d recorded in %s", stem, step, path)
             if step != curve.steps and not self.cfg.keep_models:
                 shutil.rmtree(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
         return record
@@ -295,6 +300,7 @@ class Runner:
         record = self._recorded(path)
         if self.recorded_only or (record is not None and Path(model).exists()):  # a report needs no model
             return record
+        log.info("training the task teacher; Ray storage %s/%s", teacher_cfg.ray.storage_path, name)
         started = time.time()
         _, report = train_teacher(teacher_cfg)
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
@@ -311,6 +317,8 @@ class Runner:
         if (record := self._recorded(path)) is not None or self.recorded_only:
             return record
         sweep.name = f"{arm.replace('+', '-')}-{key}"
+        log.info("%s: sweeping %s (teacher %s); Ray storage %s/%s", arm, ", ".join(ARMS[arm].knobs), teacher,
+                 sweep.storage_path, sweep.name)
         result = run_sweep(sweep, resume=True)
         if result.best is None:
             raise RuntimeError(f"arm {arm}: no sweep trial finished; see {sweep.storage_path}/{sweep.name}/trials.csv")

@@ -2,6 +2,7 @@
 cheap end-to-end run (one trained arm, one seed, tiny models) that a second call skips."""
 
 import json
+import logging
 
 import numpy as np
 import pyarrow.compute as pc
@@ -76,7 +77,8 @@ def test_ranks_round_trip_through_a_record():
 
 @pytest.mark.timeout(600)
 def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path,
-                                                               monkeypatch):
+                                                               monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="optical_ray.experiment")
     cfg = load_config(ExperimentConfig, {
         "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "bootstrap": 50,
         "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir), "task-trained"],
@@ -98,6 +100,9 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 
     results = run_experiment(cfg)
     out = tmp_path / "results"
+    # Hours-long runs say what they start and where each record went.
+    assert any(m.startswith("ot+contrastive seed 0 (teacher ") and "training and evaluating" in m for m in caplog.messages)
+    assert any(m.startswith("ot+contrastive seed 0: recorded in ") and m.endswith(" min") for m in caplog.messages)
     saved = json.loads((out / "results.json").read_text())
     # The task-trained teacher: trained on Ray Train, its before/after on the dev and test sets recorded.
     [teacher_record] = [json.loads(p.read_text()) for p in (out / "teachers").glob("teacher-*.json")]
@@ -160,8 +165,10 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 
     monkeypatch.setattr(optical_ray.train, "run_training", refuse)
     monkeypatch.setattr(optical_ray.tune, "run_sweep", refuse)
+    caplog.clear()
     again = run_experiment(cfg)
     assert again["tests"] == json.loads(json.dumps(results["tests"]))
+    assert any(m.startswith("ot+contrastive seed 0: recorded in ") and m.endswith(", skipped") for m in caplog.messages)
 
     # --report-only: the results of what is recorded, nothing trained or evaluated, even with runs missing.
     import shutil
