@@ -257,8 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("experiment", help="the research question: loss-term arms x seeds, three protocols, gaps with CIs",
                        description="Sweeps each arm's own knobs on the dev set (same budget per arm), trains every "
                                    "arm x seed on Ray Train with the same data and steps, evaluates on every test "
-                                   "set and writes RESULTS.md, results.json and plots to results_dir. Finished "
-                                   "runs are recorded and skipped when run again. See configs/experiment.yaml.")
+                                   "set and writes RESULTS.md, results.json and plots to results_dir. With several "
+                                   "`teachers`, it then trains the task teacher, chooses one on dev and runs every "
+                                   "arm x seed again with the choice; last, the training-length `curve`. Finished "
+                                   "runs are recorded and skipped when run again (an interrupted experiment "
+                                   "continues, also in another session). See configs/experiment.yaml.")
     _config_options(p, "ExperimentConfig", "distill.steps=500")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: rewrite RESULTS.md, results.json and the plots from the "
