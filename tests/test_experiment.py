@@ -75,7 +75,6 @@ def test_ranks_round_trip_through_a_record():
     np.testing.assert_array_equal(unpack_ranks(json.loads(json.dumps(pack_ranks(ranks)))), ranks)
 
 
-@pytest.mark.timeout(600)
 def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path,
                                                                monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="optical_ray.experiment")
