@@ -357,8 +357,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)
     runner = Runner(cfg, tests, recorded_only)
-    # First: it checks every test set cheaply.
-    untrained = [r for r in [runner.untrained() if "none" in cfg.arms else None] if r is not None]
+    untrained_run = runner.untrained() if "none" in cfg.arms else None  # first: it checks every test set cheaply
+    untrained = [untrained_run] if untrained_run is not None else []
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
     baseline = cfg.teachers[0]
     sweeps = {arm: runner.sweep(arm, baseline) for arm in trained}

@@ -88,6 +88,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
     return path
 
 
+def check_model(name_or_path: str | os.PathLike) -> None:
+    """Fail as :func:`resolve_model` would, but copy nothing from S3: for a driver that checks a model
+    its workers will load, on other machines."""
+    name = str(name_or_path)
+    if name.startswith("s3://"):
+        _require_s3_model(latest_version(name))
+    else:
+        resolve_model(name)
+
+
+def _require_s3_model(uri: str) -> None:
+    from . import storage
+
+    if not storage.exists(storage.join(uri, "config.json")):
+        raise FileNotFoundError(f"model {uri!r}: no config.json there")
+
+
 def _download_model(uri: str) -> Path:
     """A model folder on S3, copied once into the cache (keyed by URI: trained students are written
     to new URIs, never overwritten in place)."""
@@ -97,8 +114,7 @@ def _download_model(uri: str) -> Path:
 
     target = cache_dir() / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (target / "config.json").is_file():
-        if not storage.exists(storage.join(uri, "config.json")):
-            raise FileNotFoundError(f"model {uri!r}: no config.json there")
+        _require_s3_model(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
         try:

@@ -32,7 +32,7 @@ from .config import ConfigError, DistillConfig, TeacherConfig, TrainingConfig, l
 from .distill import fit
 from .encoder import Encoder
 from .evaluate import write_report
-from .model_store import publish, resolve_model
+from .model_store import check_model, publish
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_training(cfg: TrainingConfig, train_loop: Callable[[dict], None] = train
         raise ConfigError(f"batch_size {cfg.batch_size} does not split evenly over ray.num_workers {cfg.ray.num_workers}")
     for model in (cfg.student, getattr(cfg, "teacher", None)):
         if model:
-            resolve_model(model)  # the folder exists (an S3 model is cached once, for every worker)
+            check_model(model)
     if getattr(cfg.data, "bitext", None):
         data.check_bitext_shards(cfg.data.bitext)
     checkpoints.claim(storage.join(cfg.ray.storage_path, cfg.ray.name), cfg)

@@ -64,7 +64,6 @@ def test_a_job_that_loses_its_node_resumes_exactly(ray_cluster, s3, s3_bitext, w
                      "env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}},
     )
 
-
     def checkpointed() -> list[int]:
         assert client.get_job_status(job) not in {JobStatus.FAILED, JobStatus.STOPPED}, client.get_job_logs(job)[-3000:]
         return checkpoint_steps(s3, "lost-node")

@@ -8,6 +8,7 @@ from optical_ray import storage
 from optical_ray.config import DistillConfig, load_config
 from optical_ray.data import DataError
 from optical_ray.encoder import Encoder
+from optical_ray.model_store import check_model
 from optical_ray.train import run_training
 
 
@@ -53,10 +54,13 @@ def test_a_student_on_s3_loads_by_uri(s3, tiny_model_dir, tmp_path, monkeypatch)
     monkeypatch.setenv("OPTICAL_RAY_CACHE", str(tmp_path / "cache"))
     uri = f"s3://{s3['bucket']}/students/tiny"
     storage.copy_dir(str(tiny_model_dir), uri)
+    check_model(uri)  # what a driver does: checks, copies nothing
+    assert not (tmp_path / "cache" / "s3").exists()
     remote, local = Encoder.load(uri), Encoder.load(tiny_model_dir)
     assert (remote.encode(["Ein Hund."], "query") == local.encode(["Ein Hund."], "query")).all()
-    with pytest.raises(FileNotFoundError, match="no config.json there"):
-        Encoder.load(f"s3://{s3['bucket']}/students/absent")
+    for load in (Encoder.load, check_model):
+        with pytest.raises(FileNotFoundError, match="no config.json there"):
+            load(f"s3://{s3['bucket']}/students/absent")
 
 
 def test_a_run_resumed_with_another_config_is_refused_before_any_worker_starts(ray_cluster, s3, s3_bitext, tiny_model_dir):
