@@ -65,6 +65,15 @@ def _check_uri(value: str) -> str:
     return value
 
 
+def _check_local(value: str) -> str:
+    if not value:
+        raise ValueError("an empty path")
+    if "://" in value:
+        raise ValueError("must be a folder on this machine: the experiment runs on one Ray node and reads "
+                         "its records, models and checkpoints back from local disk")
+    return value
+
+
 def _check_range(bounds: list[float]) -> list[float]:
     if bounds and (len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]):
         raise ValueError("must be [] or [low, high] with 0 < low <= high")
@@ -72,6 +81,7 @@ def _check_range(bounds: list[float]) -> list[float]:
 
 
 Uri = Annotated[str, AfterValidator(_check_uri)]  # a local path or s3://bucket/key
+LocalPath = Annotated[str, AfterValidator(_check_local)]
 Uris = Annotated[list[Uri], BeforeValidator(_comma_separated)]
 Names = Annotated[list[str], BeforeValidator(_comma_separated)]
 Range = Annotated[list[PositiveFloat], AfterValidator(_check_range)]
@@ -476,8 +486,8 @@ class ExperimentConfig(Config):
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)
     bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals
-    out_dir: str = "runs/experiment"  # models and Ray storage (large, not committed)
-    results_dir: str = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
+    out_dir: LocalPath = "runs/experiment"  # models and Ray storage (large, not committed)
+    results_dir: LocalPath = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
     keep_models: StrictBool = False  # a student is deleted once evaluated and recorded
 
     @model_validator(mode="after")

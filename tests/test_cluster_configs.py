@@ -1,6 +1,8 @@
 """The cluster launcher YAML passes Ray's own schema; the KubeRay manifests parse and run our jobs."""
 
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,16 @@ import yaml
 from optical_ray.cli import build_parser
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+JOBS = CLUSTER.parent / "jobs"
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in JOBS.glob("*.py")))
+def test_every_job_entrypoint_runs_a_cli_command(job):
+    """What `ray job submit -- python jobs/X.py` runs: the CLI command of the same flags, nothing else."""
+    result = subprocess.run([sys.executable, str(JOBS / job), "--help"], check=False, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: optical-ray "), result.stdout[:200]
 
 
 def test_launcher_config_passes_ray_schema_validation():

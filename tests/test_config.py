@@ -122,6 +122,9 @@ def test_sweep_and_experiment_ranges(tmp_path):
         load_config(ExperimentConfig, {"test_sets": [{"groups": {"high": ["de"]}}]})
     with pytest.raises(ConfigError, match=r"curve.test_sets names test_2019, not among the test_sets \(test_2018\)"):
         load_config(ExperimentConfig, {"curve": {"test_sets": ["test_2018", "test_2019"]}})
+    # Records, models and checkpoints are read back from disk: an S3 prefix would be a local "s3:" folder.
+    with pytest.raises(ConfigError, match=r"out_dir = 's3://bucket/exp': must be a folder on this machine"):
+        load_config(ExperimentConfig, {"out_dir": "s3://bucket/exp"})
 
 
 def test_derive_validates_overrides_like_a_file():
