@@ -398,7 +398,8 @@ def test_bad_index_swaps_roll_back_under_load(service, indexes, s3):
             config, deployments = app_config(service, "secure")
             deployments["Retriever"]["user_config"] = {"index_uri": uri}
             deploy(config, service["dashboard"], service["tmp"])
-            status = wait_until(functools.partial(failed_swaps, n), 120, f"{name}: no failed swap", every=0.5)
+            status = wait_until(functools.partial(failed_swaps, n), 120,
+                                lambda name=name: f"{name}: no failed swap; retriever {secure_status(service)['retriever']}", every=0.5)
             phases.append((name, status))
         config, deployments = app_config(service, "secure")
         deployments["Retriever"]["user_config"] = {"index_uri": indexes["hnsw"]}
