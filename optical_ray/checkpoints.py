@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import storage
-from .config import ConfigError, DistillConfig, training_fields
+from .config import ConfigError, DistillConfig, portable_paths, training_fields
 
 TRAIN_STATE = "train_state.pt"
 RUN_CONFIG = "run.json"
@@ -76,7 +76,7 @@ def claim(run_uri: str, cfg: DistillConfig) -> None:
 
 def check_same_run(saved: dict, cfg: DistillConfig, where: str) -> None:
     current = json.loads(json.dumps(training_fields(cfg), sort_keys=True))
-    changed = differing_keys(saved, current)
+    changed = differing_keys(portable_paths(saved), current)  # a run.json from before paths were portable
     if changed:
         details = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changed[:8])
         raise ConfigError(f"{where} holds a run with another config ({details}); resume it with its own config, "

@@ -254,7 +254,19 @@ def training_fields(cfg: TrainingConfig) -> dict:
         fields.pop(key, None)
     if not fields["data"]["drop_blank"]:  # added later: at its default, keys stay those of earlier records
         del fields["data"]["drop_blank"]
-    return fields
+    return portable_paths(fields)
+
+
+def portable_paths(value):
+    """``value`` with the bundled tables named ``${sample_data}/...`` rather than by the folder this
+    package is installed in, so the same run has the same key in every checkout and on every machine."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith(str(SAMPLE_DIR) + os.sep):
+        return SAMPLE_DATA + "/" + Path(value).relative_to(SAMPLE_DIR).as_posix()
+    return value
 
 
 def with_absolute_paths(cfg: TrainingConfig) -> TrainingConfig:

@@ -109,6 +109,9 @@ def test_data_root_places_every_table_and_is_not_part_of_the_config(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: data.train uses \$\{data_root\} but no data_root is set"):
         load_config(DistillConfig, path)
     assert "data_root" not in training_fields(local) and "checkpoint_every" not in training_fields(local)
+    # What keys a run names the bundled tables as installed anywhere: another checkout, the same key.
+    assert training_fields(local)["data"]["dev"] == ["${sample_data}/val_captions.parquet"]
+    assert training_fields(local)["data"]["train"] == ["/data/f30k/train.parquet"]
 
 
 def test_sweep_and_experiment_ranges(tmp_path):
