@@ -128,11 +128,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     trained = [arm for arm in cfg.arms if arm != "none"]
     baseline, *others = runs.values()
     records = untrained + baseline.records
-    n_teachers = 2 if len(cfg.teachers) > 1 and choice.get("chosen", None) != baseline.name else 1
-    expected = len(trained) * len(cfg.seeds) * n_teachers + len(untrained)
-    done = len(untrained) + sum(len(t.records) for t in runs.values())
     results = {
-        "status": {"runs": done, "expected": expected, "complete": done >= expected and (len(cfg.teachers) == 1 or bool(choice))},
+        "status": run_status(cfg, untrained, runs, choice, choice_runs or {}, curves),
         "teacher": baseline.name, "held_out_languages": cfg.held_out_languages, "objective": cfg.sweep.objective,
         "arms": arms_summary(cfg.arms, records, baseline.sweeps),
         "tests": {t.spec.name: summarize_test(t, records, cfg.arms, cfg.bootstrap) for t in tests},
@@ -164,6 +161,45 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     (out / "RESULTS.md").write_text(results_markdown(results, cfg))
     plot_results(results, out)
     return results
+
+
+def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice: dict, choice_runs: dict,
+               curves: list[dict]) -> dict:
+    """How far the experiment has come: run records so far and, in order, what it has still to run
+    (the baseline teacher's arms and seeds, the teacher choice, the chosen teacher's runs, the curves)."""
+    baseline, *others = runs.values()
+    per_teacher = sum(arm != "none" for arm in cfg.arms) * len(cfg.seeds)
+    baseline_expected = per_teacher + ("none" in cfg.arms)
+    baseline_done = len(untrained) + len(baseline.records)
+    pending = []
+    if baseline_done < baseline_expected:
+        pending.append(f"the baseline teacher's arms and seeds ({baseline_done} of {baseline_expected} runs)")
+    if len(cfg.teachers) > 1 and not choice:
+        pending.append(f"the teacher choice on dev ({len(choice_runs)} of {len(cfg.teachers)} candidate runs), and "
+                       "if a teacher other than the baseline wins, every arm and seed again with it")
+    elif choice.get("chosen", baseline.name) != baseline.name:
+        chosen_done = sum(len(t.records) for t in others)
+        if chosen_done < per_teacher:
+            pending.append(f"every arm and seed with the chosen teacher ({chosen_done} of {per_teacher} runs)")
+    if cfg.curve:
+        wanted = len(cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
+        points = sum(len(c["points"]) for c in curves)
+        if points < wanted:
+            pending.append(f"the training-length curves ({points} of {wanted} points)")
+    return {"runs": baseline_done + sum(len(t.records) for t in others), "baseline_runs": baseline_done,
+            "baseline_expected": baseline_expected, "pending": pending, "complete": not pending}
+
+
+def status_line(status: dict) -> str:
+    line = f"Status: {status['runs']} runs recorded"
+    if status["complete"]:
+        return line + ", the experiment complete."
+    if status["baseline_runs"] < status["baseline_expected"]:
+        line += (" — **partial**: arms or seeds are missing, so read every number below as preliminary."
+                 " Still to run")
+    else:
+        line += f"; every arm and seed of the baseline teacher is in ({status['baseline_runs']} runs). Still to run"
+    return line + f": {'; '.join(status['pending'])}. `optical-ray experiment` continues where it stopped."
 
 
 def summarize_curves(test, curves: list[dict], n_resamples: int) -> dict:
@@ -255,11 +291,8 @@ def answer_lines(results: dict) -> list[str]:
 
 def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
     d = cfg.distill
-    status = results["status"]
     lines = ["# Which loss terms narrow the high/low-resource R@1 gap, and does it reach unseen languages?", "",
-             (f"Status: {status['runs']} of {status['expected']} runs recorded"
-              + ("." if status["complete"] else " — **partial**: arms or seeds are missing, so read every number "
-                 "below as preliminary. `optical-ray experiment` continues where it stopped.")), "",
+             status_line(results["status"]), "",
              "## Answer (absolute R@1 gap; paired 95% image-bootstrap intervals vs no distillation)", "",
              *(answer_lines(results) or ["(no trained arm recorded yet)"]), "", "## Method", ""]
     held = ", ".join(results["held_out_languages"]) or "none"

@@ -133,6 +133,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
     assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     assert saved["status"]["complete"] and saved["status"]["runs"] == 1 + len(ot_runs)
+    assert "the experiment complete" in (out / "RESULTS.md").read_text()
     # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
     curve = saved["curves"]["sample_2018"]["ot+contrastive"]
     assert [(p["step"], p["pairs"]) for p in curve] == [(2, 16), (4, 32)]
@@ -182,6 +183,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     baseline_run.unlink()
     reported = run_experiment(cfg.model_copy(update={"results_dir": str(partial)}), recorded_only=True)
     assert reported["status"]["runs"] == saved["status"]["runs"] - 1 and not reported["status"]["complete"]
+    assert reported["status"]["pending"][0] == "the baseline teacher's arms and seeds (1 of 2 runs)"
     assert "ot+contrastive" not in reported["tests"]["sample_2018"]["arms"]
     assert reported["tests"]["sample_2018"]["arms"]["none"]["languages"] == saved["tests"]["sample_2018"]["arms"]["none"]["languages"]
 
