@@ -41,6 +41,7 @@ from .config import (
     DistillConfig,
     ExperimentConfig,
     SweepConfig,
+    TeacherConfig,
     TestSet,
     derive,
     to_dict,
@@ -285,22 +286,26 @@ class Runner:
                 shutil.rmtree(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
         return record
 
+    def teacher_config(self) -> tuple[TeacherConfig, str, Path]:
+        """The task teacher's config placed under out_dir, its key and its record's path."""
+        key = config_key(training_fields(self.cfg.teacher_training))
+        name = f"teacher-{key}"
+        teacher_cfg = derive(self.cfg.teacher_training, {
+            "output_dir": str(Path(self.cfg.out_dir) / name),
+            "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
+        return teacher_cfg, key, self.results / "teachers" / f"{name}.json"
+
     def task_teacher(self) -> dict:
         """Train (or find recorded) the experiment's own teacher: ``teacher_training`` with its output
         under ``out_dir``. The record holds its before/after report and where the model is."""
         from .teacher import train_teacher
 
-        base = self.cfg.teacher_training
-        key = config_key(training_fields(base))
-        name = f"teacher-{key}"
-        teacher_cfg = derive(base, {"output_dir": str(Path(self.cfg.out_dir) / name),
-                                    "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
-        path = self.results / "teachers" / f"{name}.json"
+        teacher_cfg, key, path = self.teacher_config()
         model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
         record = self._recorded(path)
         if self.recorded_only or (record is not None and Path(model).exists()):  # a report needs no model
             return record
-        log.info("training the task teacher; Ray storage %s/%s", teacher_cfg.ray.storage_path, name)
+        log.info("training the task teacher; Ray storage %s/%s", teacher_cfg.ray.storage_path, teacher_cfg.ray.name)
         started = time.time()
         _, report = train_teacher(teacher_cfg)
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,

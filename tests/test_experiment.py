@@ -220,6 +220,21 @@ def test_the_committed_run_records_are_still_found_by_their_keys():
         assert runner.run_config(record["arm"], record["seed"], record["teacher"], record["params"])[2].name == path.name
 
 
+def test_the_committed_teacher_record_is_found_by_its_key_in_any_checkout():
+    """The task teacher took 84 min to train: its record must be found wherever the repository is cloned
+    (keys name the bundled tables as ${sample_data}/..., not by this checkout's folder)."""
+    from optical_ray.config import ExperimentConfig
+    from optical_ray.experiment import Runner
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
+    records = sorted((REPO / cfg.results_dir / "teachers").glob("*.json"))
+    if not records:
+        pytest.skip("no teacher recorded yet")
+    _, key, path = Runner(cfg, []).teacher_config()
+    assert [p.name for p in records] == [path.name]
+    assert json.loads(records[0].read_text())["key"] == key
+
+
 def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     from optical_ray.config import TestSet
     from optical_ray.experiment import TestData
