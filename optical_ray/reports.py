@@ -182,7 +182,7 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
         if chosen_done < per_teacher:
             pending.append(f"every arm and seed with the chosen teacher ({chosen_done} of {per_teacher} runs)")
     if cfg.curve:
-        wanted = len(cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
+        wanted = sum(arm in cfg.arms for arm in cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
         points = sum(len(c["points"]) for c in curves)
         if points < wanted:
             pending.append(f"the training-length curves ({points} of {wanted} points)")
