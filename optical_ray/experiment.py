@@ -333,22 +333,17 @@ class Runner:
         return record
 
 
-def choose_teacher(cfg: ExperimentConfig, runner: Runner, candidates: list[str]) -> tuple[dict, dict[str, dict]]:
-    """The only candidate, or the one whose MSE student (default knobs, first seed) scores best on dev.
-    Returns the choice ({} while a candidate's run is not recorded and the runner runs nothing) and the
-    candidates' runs: the same run under each teacher, which the report also compares on the test sets."""
+def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str, dict]) -> dict:
+    """The candidate whose choice run -- the same MSE run (default knobs, first seed) under each teacher,
+    which the report also compares on the test sets -- scores best on dev. {} while a run is missing."""
     from .tune import OBJECTIVES
 
-    if len(candidates) == 1:
-        return {"chosen": candidates[0], "dev_scores": {}}, {}
-    runs = {teacher: record for teacher in candidates
-            if (record := runner.trained("mse", cfg.seeds[0], teacher, params={})) is not None}
-    if len(runs) < len(candidates):
-        return {}, runs
-    scores = {teacher: float(OBJECTIVES[cfg.sweep.objective](record["dev"])) for teacher, record in runs.items()}
+    if any(teacher not in runs for teacher in candidates):
+        return {}
+    scores = {teacher: float(OBJECTIVES[cfg.sweep.objective](runs[teacher]["dev"])) for teacher in candidates}
     chosen = max(scores, key=scores.get)
     log.info("teacher chosen on dev: %s (%s)", chosen, scores)
-    return {"chosen": chosen, "dev_scores": scores}, runs
+    return {"chosen": chosen, "dev_scores": scores}
 
 
 def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
@@ -390,9 +385,14 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     if len(cfg.teachers) > 1:
         if TASK_TRAINED in cfg.teachers:
             task_teacher = runner.task_teacher()
+            progress()
         if task_teacher is not None or TASK_TRAINED not in cfg.teachers:
             candidates = [task_teacher["model"] if t == TASK_TRAINED else t for t in cfg.teachers]
-            choice, choice_runs = choose_teacher(cfg, runner, candidates)
+            for teacher in candidates:
+                if (record := runner.trained("mse", cfg.seeds[0], teacher, params={})) is not None:
+                    choice_runs[teacher] = record
+                    progress()
+            choice = choose_teacher(cfg, candidates, choice_runs)
             chosen = choice.get("chosen")
             if chosen not in (None, baseline):
                 sweeps = {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher else sweep
