@@ -464,8 +464,8 @@ TASK_TRAINED = "task-trained"  # the teacher candidate an experiment trains itse
 
 
 class CurveConfig(Config):
-    """How the gap moves with training length: one long run per arm (baseline teacher, the arm's swept
-    knobs), the test sets evaluated at each of its checkpoints."""
+    """How the gap moves with training length: one long run per arm (the chosen teacher, else the
+    baseline; the arm's swept knobs), the test sets evaluated at each of its checkpoints."""
 
     arms: Names = Field(default_factory=lambda: ["mse", "ot+contrastive"])
     steps: PositiveInt = 2000
@@ -500,7 +500,7 @@ class ExperimentConfig(Config):
     bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals
     out_dir: LocalPath = "runs/experiment"  # models and Ray storage (large, not committed)
     results_dir: LocalPath = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
-    keep_models: StrictBool = False  # a student is deleted once evaluated and recorded
+    keep_models: StrictBool = False  # a student and its Ray checkpoints are deleted once evaluated and recorded
 
     @model_validator(mode="after")
     def _task_trained_needs_training(self) -> ExperimentConfig:

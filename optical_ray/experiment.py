@@ -12,7 +12,9 @@ changes when the teacher already knows the retrieval task?
 3. with several teacher candidates: the task-trained teacher (``teacher_training``, recorded under
    ``results_dir/teachers``), an MSE run per candidate to choose one on dev, and -- when the choice is
    not the baseline -- every arm and seed again with it (retuned, or with the baseline's knobs);
-4. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
+4. the training-length curves (``curve``): a longer run per listed arm with the chosen teacher,
+   evaluated at each kept checkpoint;
+5. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
    (refreshed after every run, so partial results are readable).
 
 Held-out languages (``held_out_languages``) are removed from training and from the dev objective, so
@@ -107,9 +109,10 @@ def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params:
     return derive(cfg.distill, overrides)
 
 
-def placement(cfg: ExperimentConfig, name: str) -> dict:
-    """Where a run named ``name`` writes: its student under out_dir/arms, its Ray storage under out_dir/ray."""
-    return {"output_dir": str(Path(cfg.out_dir) / "arms" / name),
+def placement(cfg: ExperimentConfig, name: str, folder: str = "arms") -> dict:
+    """Where a run named ``name`` writes: its model under out_dir/folder (the task teacher's right under
+    out_dir: folder ""), its Ray storage under out_dir/ray."""
+    return {"output_dir": str(Path(cfg.out_dir) / folder / name),
             "ray.storage_path": str((Path(cfg.out_dir) / "ray").resolve()), "ray.name": name}
 
 
@@ -241,9 +244,15 @@ class Runner:
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
         write_record(path, record)
         log.info("%s seed %d: recorded in %s after %.0f min", arm, seed, path, record["wall_s"] / 60)
-        if not self.cfg.keep_models:
-            shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)
+        self.discard(arm_cfg.output_dir, Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name)
         return record
+
+    def discard(self, *folders: str | Path) -> None:
+        """Once a run is recorded, its student and Ray checkpoints (1.3 GB a run) have served it and its
+        resumption: deleted unless ``keep_models``."""
+        if not self.cfg.keep_models:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def curve(self, arm: str, teacher: str, params: dict) -> dict:
         """One long run of ``arm`` keeping a checkpoint every ``curve.every`` steps, each evaluated on
@@ -271,8 +280,7 @@ class Runner:
 
             log.info("curve %s: training %d steps; Ray storage %s", stem, curve.steps, folder)
             run_training(arm_cfg)
-            if not self.cfg.keep_models:
-                shutil.rmtree(arm_cfg.output_dir, ignore_errors=True)  # the exported copy; checkpoints are evaluated
+            self.discard(arm_cfg.output_dir)  # the exported copy; the checkpoints are what is evaluated
         for step in wanted:
             checkpoint = folder / f"step_{step:07d}"
             if str(step) in record["points"]:
@@ -282,17 +290,15 @@ class Runner:
             record["points"][str(step)] = evaluate_model(str(checkpoint), tests)
             write_record(path, record)
             log.info("curve %s: step %d recorded in %s", stem, step, path)
-            if step != curve.steps and not self.cfg.keep_models:
-                shutil.rmtree(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
+            if step != curve.steps:
+                self.discard(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
         return record
 
     def teacher_config(self) -> tuple[TeacherConfig, str, Path]:
         """The task teacher's config placed under out_dir, its key and its record's path."""
         key = config_key(training_fields(self.cfg.teacher_training))
         name = f"teacher-{key}"
-        teacher_cfg = derive(self.cfg.teacher_training, {
-            "output_dir": str(Path(self.cfg.out_dir) / name),
-            "ray.storage_path": str((Path(self.cfg.out_dir) / "ray").resolve()), "ray.name": name})
+        teacher_cfg = derive(self.cfg.teacher_training, placement(self.cfg, name, folder=""))
         return teacher_cfg, key, self.results / "teachers" / f"{name}.json"
 
     def task_teacher(self) -> dict:
@@ -311,6 +317,7 @@ class Runner:
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
                   "wall_s": time.time() - started}
         write_record(path, record)
+        self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)  # the model stays
         return record
 
     def sweep(self, arm: str, teacher: str) -> dict:
@@ -350,7 +357,7 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
     (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
     listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
-    Results are rewritten after each run. ``recorded_only``: train and evaluate nothing, only write the
+    Last, the curves, with the teacher the answer ends on. Results are rewritten after each run. ``recorded_only``: train and evaluate nothing, only write the
     results of what is recorded so far."""
     from .reports import write_results
 
@@ -400,8 +407,10 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
                 runs[chosen] = Teacher(chosen, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})
                 run_arms(runs[chosen])
     if cfg.curve:
+        # With the teacher the answer ends on: the chosen one (the baseline when it won or no choice is made).
+        teacher = runs.get(choice.get("chosen"), runs[baseline])
         for arm in check_arms(cfg.curve.arms):
-            if arm in runs[baseline].sweeps and (curve := runner.curve(arm, baseline, runs[baseline].sweeps[arm]["params"])):
+            if arm in teacher.sweeps and (curve := runner.curve(arm, teacher.name, teacher.sweeps[arm]["params"])):
                 curves.append(curve)
                 progress()
     return report()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .config import ExperimentConfig
+from .config import TASK_TRAINED, ExperimentConfig
 
 GAP_KINDS = {"abs": metrics.resource_gap, "rel": metrics.relative_error_gap}
 
@@ -88,8 +88,9 @@ def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[s
 
 
 def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[str], n_resamples: int) -> dict:
-    """Per arm and gap: the absolute gap under the baseline teacher and under the other, and the paired
-    95% interval of the change (other - baseline), on the same image draws."""
+    """Per arm and gap: the absolute gap under the baseline teacher and under the other, the paired 95%
+    interval of the change (other - baseline) on the same image draws, and each group's R@1 under both
+    (a gap can also close because the higher group falls)."""
     spec = test.spec
     weights, query_index, _ = image_draws(test, n_resamples)
     out = {}
@@ -101,7 +102,10 @@ def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[s
         (base, base_draws), (new, new_draws) = (arm_summary(spec, runs, weights, query_index)
                                                 for runs in (base_runs, other_runs))
         out[arm] = {gap: {"baseline": base["gaps"][gap]["abs"]["value"], "other": new["gaps"][gap]["abs"]["value"],
-                          "change_ci95": list(metrics.percentile_interval(new_draws[f"{gap}/abs"] - base_draws[f"{gap}/abs"]))}
+                          "change_ci95": list(metrics.percentile_interval(new_draws[f"{gap}/abs"] - base_draws[f"{gap}/abs"])),
+                          "r1": {group: {"baseline": group_r1(base, base["gaps"][gap][side]),
+                                         "other": group_r1(new, base["gaps"][gap][side])}
+                                 for group, side in zip(spec.gaps[gap], ("upper", "lower"))}}
                     for gap in spec.gaps}
     return out
 
@@ -155,6 +159,7 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     if curves:
         summaries = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap) for t in tests}
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
+        results["curve_teacher"] = curves[0]["teacher"]
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -186,7 +191,7 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
         points = sum(len(c["points"]) for c in curves)
         if points < wanted:
             pending.append(f"the training-length curves ({points} of {wanted} points)")
-    return {"runs": baseline_done + sum(len(t.records) for t in others), "baseline_runs": baseline_done,
+    return {"runs": baseline_done + len(choice_runs) + sum(len(t.records) for t in others), "baseline_runs": baseline_done,
             "baseline_expected": baseline_expected, "pending": pending, "complete": not pending}
 
 
@@ -215,7 +220,9 @@ def summarize_curves(test, curves: list[dict], n_resamples: int) -> dict:
             summary, _ = arm_summary(spec, [{"seed": curve["seed"], "tests": tests}], weights, query_index)
             points.append({"step": int(step), "pairs": int(step) * curve["batch_size"],
                            "gaps": {gap: {"value": g["abs"]["value"], "ci95": g["abs"]["ci95"]}
-                                    for gap, g in summary["gaps"].items()}})
+                                    for gap, g in summary["gaps"].items()},
+                           "r1": {group: group_r1(summary, present) for group, langs in spec.groups.items()
+                                  if (present := [lang for lang in langs if lang in summary["languages"]])}})
         out[curve["arm"]] = points
     return out
 
@@ -281,11 +288,12 @@ def answer_lines(results: dict) -> list[str]:
                          "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
     chosen = results.get("chosen_teacher")
     for name, arms in (chosen or {}).get("vs_baseline", {}).items():
-        changes = [f"{arm_label(arm)} `{gap}` {g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])}"
+        changes = [f"{arm_label(arm)} `{gap}` {g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} "
+                   f"(R@1 {', '.join(f'{group} {change:+.3f}' for group, change in group_changes(g).items())})"
                    for arm, gaps in arms.items() for gap, g in gaps.items()]
         if changes:
-            lines.append(f"- **{name}** with teacher `{chosen['teacher']}` instead of `{results['teacher']}`: gap change "
-                         + "; ".join(changes) + ".")
+            lines.append(f"- **{name}** with the {teacher_label(results, chosen['teacher'])} teacher instead of "
+                         f"`{results['teacher']}`: gap change " + "; ".join(changes) + ".")
     return lines
 
 
@@ -367,41 +375,58 @@ def teacher_markdown(results: dict) -> list[str]:
     lines += choice_markdown(results)
     if "chosen" not in choice:
         return lines + ["The choice among " + ", ".join(f"`{t}`" for t in choice["candidates"]) + " is not made yet.", ""]
-    scores = ", ".join(f"`{t}` {v:.3f}" for t, v in choice["dev_scores"].items())
+    scores = ", ".join(f"{teacher_label(results, t)} {v:.3f}" for t, v in choice["dev_scores"].items())
     lines += [(f"Chosen on dev (MSE student, default knobs, first seed; objective {results['objective']}): "
-              f"**`{choice['chosen']}`** ({scores})."), ""]
+              f"**{teacher_label(results, choice['chosen'])}** ({scores})."), ""]
     chosen = results.get("chosen_teacher")
     if not chosen:
         return lines + ["The chosen teacher is the baseline: nothing more to run.", ""]
-    lines += [(f"Every arm again with `{chosen['teacher']}`: the absolute gap under the baseline teacher "
-              f"`{results['teacher']}` and under it, with the paired 95% interval of the change (negative: the "
-              "task-trained teacher narrows the gap)."), ""]
+    lines += [(f"Every arm again with the {teacher_label(results, chosen['teacher'])} teacher: the absolute gap "
+              f"under the baseline teacher `{results['teacher']}` and under it, with the paired 95% interval of the "
+              "change (negative: the chosen teacher narrows the gap), and each group's R@1 under both."), ""]
     for name, arms in chosen["vs_baseline"].items():
         if not arms:
             continue
         lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
-                  "| arm | gap | baseline teacher | chosen teacher | change [95% CI] |", "|---|---|---|---|---|"]
-        for arm, gaps in arms.items():
-            for gap, g in gaps.items():
-                lines.append(f"| {arm_label(arm)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
-                             f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |")
+                  "| arm | gap | baseline teacher | chosen teacher | change [95% CI] | higher group R@1 | lower group R@1 |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {arm_label(arm)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
+                  f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} | {group_cells(g)} |"
+                  for arm, gaps in arms.items() for gap, g in gaps.items()]
         lines.append("")
     return lines
+
+
+def teacher_label(results: dict, teacher: str) -> str:
+    """The task-trained teacher by what it is rather than by its model folder."""
+    task = results.get("teacher_choice", {}).get("task_trained")
+    return TASK_TRAINED if task and teacher == task["model"] else f"`{teacher}`"
+
+
+def group_changes(comparison: dict) -> dict[str, float]:
+    return {group: r["other"] - r["baseline"] for group, r in comparison["r1"].items()}
+
+
+def group_cells(comparison: dict) -> str:
+    """'high 0.812 → 0.790 | low 0.104 → 0.215': each group's R@1 under the baseline teacher, then the other."""
+    return " | ".join(f"{group} {r['baseline']:.3f} → {r['other']:.3f}" for group, r in comparison["r1"].items())
 
 
 def choice_markdown(results: dict) -> list[str]:
     """The choice runs on the test sets: each candidate teacher's MSE student against the baseline's."""
     comparison = results["teacher_choice"].get("vs_baseline", {})
-    rows = [f"| {name} | `{teacher}` | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
-            f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} |"
+    rows = [f"| {name} | {teacher_label(results, teacher)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
+            f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} | {group_cells(g)} |"
             for name, teachers in comparison.items() for teacher, gaps in teachers.items() for gap, g in gaps.items()]
     if not rows:
         return []
     baseline = results["teacher"]
     return [(f"The choice runs on the test sets: the same MSE run (default knobs, first seed) distilled from "
              f"each candidate, its absolute gap against the one distilled from `{baseline}`, with the paired "
-             "95% interval of the change (negative: that teacher narrows the gap)."), "",
-            f"| test set | teacher | gap | with `{baseline}` | with it | change [95% CI] |", "|---|---|---|---|---|---|",
+             "95% interval of the change (negative: that teacher narrows the gap), and each group's R@1 under "
+             "both: a gap also narrows when the higher group falls."), "",
+            f"| test set | teacher | gap | with `{baseline}` | with it | change [95% CI] | higher group R@1 | lower group R@1 |",
+            "|---|---|---|---|---|---|---|---|",
             *rows, ""]
 
 
@@ -409,17 +434,19 @@ def curves_markdown(results: dict) -> list[str]:
     if "curves" not in results:
         return []
     lines = ["## How the gap moves with training length", "",
-             ("One longer run per arm (baseline teacher, the arm's swept knobs, first seed), its test sets evaluated "
-             "at each kept checkpoint; absolute gap [95% image-bootstrap interval]. ![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
+             (f"One longer run per arm (the {teacher_label(results, results['curve_teacher'])} teacher, the arm's "
+              "swept knobs, first seed), its test sets evaluated at each kept checkpoint: absolute gap [95% "
+              "image-bootstrap interval], then each group's mean R@1. ![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
     for name, arms in results["curves"].items():
-        gaps = list(results["tests"][name]["gaps"])
+        gaps, groups = list(results["tests"][name]["gaps"]), list(results["tests"][name]["groups"])
         lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
-                  "| arm | pairs seen | " + " | ".join(gaps) + " |", "|---|---|" + "---|" * len(gaps)]
+                  "| arm | pairs seen | " + " | ".join(gaps) + " | " + " | ".join(f"R@1 {g}" for g in groups) + " |",
+                  "|---|---|" + "---|" * (len(gaps) + len(groups))]
         for arm, points in arms.items():
             for point in points:
-                cells = " | ".join(f"{point['gaps'][g]['value']:.3f} {fmt_interval(point['gaps'][g]['ci95'], sign=False)}"
-                                   for g in gaps)
-                lines.append(f"| {arm_label(arm)} | {point['pairs']:,} | {cells} |")
+                cells = [f"{point['gaps'][g]['value']:.3f} {fmt_interval(point['gaps'][g]['ci95'], sign=False)}"
+                         for g in gaps] + [f"{point['r1'][g]:.3f}" if g in point["r1"] else "—" for g in groups]
+                lines.append(f"| {arm_label(arm)} | {point['pairs']:,} | {' | '.join(cells)} |")
         lines.append("")
     return lines
 

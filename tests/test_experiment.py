@@ -118,7 +118,10 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     by_teacher = choice["vs_baseline"]["sample_2018"][teacher_record["model"]]["trained_low"]
     lo, hi = by_teacher["change_ci95"]
     assert lo <= by_teacher["other"] - by_teacher["baseline"] <= hi
-    assert "The choice runs on the test sets" in (out / "RESULTS.md").read_text()
+    assert set(by_teacher["r1"]) == {"high", "trained_low"}  # whether the gap moved from below or from above
+    report = (out / "RESULTS.md").read_text()
+    assert "The choice runs on the test sets" in report
+    assert "| sample_2018 | task-trained | trained_low |" in report  # named for what it is, not its folder
     records = sorted(p.name for p in (out / "runs").glob("*.json"))
     mse_choice_runs = [r for r in records if r.startswith("mse-seed0-")]
     ot_runs = [r for r in records if r.startswith("ot-contrastive-seed0-")]
@@ -132,13 +135,18 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         lo, hi = change["change_ci95"]
         assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
     assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
-    assert saved["status"]["complete"] and saved["status"]["runs"] == 1 + len(ot_runs)
+    assert not (tmp_path / "runs" / "ray" / "ot-contrastive-seed0").exists()  # and its checkpoints
+    assert not list((tmp_path / "runs" / "ray").glob("teacher-*"))  # the teacher's too; its model stays
+    assert saved["status"]["complete"] and saved["status"]["runs"] == len(records)
     assert "the experiment complete" in (out / "RESULTS.md").read_text()
     # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
     curve = saved["curves"]["sample_2018"]["ot+contrastive"]
     assert [(p["step"], p["pairs"]) for p in curve] == [(2, 16), (4, 32)]
     lo, hi = curve[1]["gaps"]["held_out_low"]["ci95"]
     assert lo <= curve[1]["gaps"]["held_out_low"]["value"] <= hi
+    assert curve[1]["gaps"]["held_out_low"]["value"] == pytest.approx(
+        curve[1]["r1"]["high"] - curve[1]["r1"]["held_out_low"])
+    assert saved["curve_teacher"] == choice["chosen"]  # the curves use the teacher the answer ends on
     [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
     assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
@@ -255,6 +263,8 @@ def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     assert same["baseline"] == pytest.approx(0.5) and same["other"] == pytest.approx(0.5)
     narrower = compare_teachers(test, frozen, better, ["mse"], n_resamples=200)["mse"]["low"]
     assert narrower["other"] - narrower["baseline"] == pytest.approx(-0.5)
+    assert narrower["r1"] == {"high": pytest.approx({"baseline": 0.75, "other": 0.75}),
+                              "low": pytest.approx({"baseline": 0.25, "other": 0.75})}  # closed from below
     # Paired: both systems differ only on images b and c, where the gap drops by 1 each, so every
     # resample's change is -(draws of b and c) / 4 <= 0 -- never positive, as an unpaired draw could be.
     lo, hi = narrower["change_ci95"]
