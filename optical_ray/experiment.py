@@ -398,8 +398,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
             for teacher in candidates:
                 if (record := runner.trained("mse", cfg.seeds[0], teacher, params={})) is not None:
                     choice_runs[teacher] = record
+                    choice = choose_teacher(cfg, candidates, choice_runs)  # made with the last one in
                     progress()
-            choice = choose_teacher(cfg, candidates, choice_runs)
             chosen = choice.get("chosen")
             if chosen not in (None, baseline):
                 sweeps = {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher else sweep

@@ -294,3 +294,34 @@ def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
     assert len(lines) == 1 and "gap `low` (de − qu) = 0.500 without distillation" in lines[0]
     assert "(1) MSE 0.250 (-0.250; R@1 high -0.250, low +0.000)" in lines[0]
     assert "(2) OT 0.250 (-0.250; R@1 high +0.000, low +0.250)" in lines[0]
+
+
+def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
+    from optical_ray.experiment import Teacher
+    from optical_ray.reports import run_status, status_line
+
+    cfg = experiment_config(tmp_path, arms=["none", "mse", "ot"], seeds=[0, 1], teachers=["student-init", "minilm-en"],
+                            curve={"arms": ["mse"], "steps": 40, "every": 20})
+    untrained = [{"arm": "none"}]
+    baseline = Teacher("student-init", {}, records=[{"arm": "mse"}] * 3)
+    status = run_status(cfg, untrained, {"student-init": baseline}, {}, {}, [])
+    assert status["runs"] == 4 and not status["complete"]
+    assert "**partial**" in status_line(status) and "(4 of 5 runs)" in status_line(status)
+
+    baseline.records.append({"arm": "ot"})
+    choice_runs = {"student-init": {"arm": "mse"}}
+    status = run_status(cfg, untrained, {"student-init": baseline}, {}, choice_runs, [])
+    assert status["runs"] == 6  # the choice runs count too
+    assert "**partial**" not in status_line(status) and "the teacher choice on dev (1 of 2 candidate runs)" in status_line(status)
+
+    choice_runs["minilm-en"] = {"arm": "mse"}
+    chosen = Teacher("minilm-en", {}, records=[{"arm": "mse"}])
+    runs, choice = {"student-init": baseline, "minilm-en": chosen}, {"chosen": "minilm-en"}
+    status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}}}])
+    assert status["runs"] == 8
+    assert status["pending"] == ["every arm and seed with the chosen teacher (1 of 4 runs)",
+                                 "the training-length curves (1 of 2 points)"]
+
+    chosen.records += [{"arm": "ot"}] * 3
+    status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}, "40": {}}}])
+    assert status["complete"] and status_line(status) == "Status: 11 runs recorded, the experiment complete."
