@@ -157,7 +157,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
             "vs_baseline": {t.spec.name: compare_teachers(t, baseline.records, other.records, trained, cfg.bootstrap)
                             for t in tests}}
     if curves:
-        summaries = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap) for t in tests}
+        start = untrained[0] if untrained else None
+        summaries = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap, start) for t in tests}
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
         results["curve_teacher"] = curves[0]["teacher"]
     out = Path(cfg.results_dir)
@@ -207,18 +208,20 @@ def status_line(status: dict) -> str:
     return line + f": {'; '.join(status['pending'])}. `optical-ray experiment` continues where it stopped."
 
 
-def summarize_curves(test, curves: list[dict], n_resamples: int) -> dict:
-    """Per curve (arm): each evaluated checkpoint's pairs seen and absolute gaps with 95% intervals."""
+def summarize_curves(test, curves: list[dict], n_resamples: int, start: dict | None = None) -> dict:
+    """Per curve (arm): each evaluated checkpoint's pairs seen, absolute gaps with 95% intervals and each
+    group's R@1. ``start``, the undistilled student's record, is every curve's point at 0 pairs."""
     spec = test.spec
     weights, query_index, _ = image_draws(test, n_resamples)
     out = {}
     for curve in curves:
+        evaluated = {int(step): tests for step, tests in curve["points"].items() if spec.name in tests}
+        if evaluated and start is not None and spec.name in start["tests"]:
+            evaluated[0] = start["tests"]
         points = []
-        for step, tests in sorted(curve["points"].items(), key=lambda item: int(item[0])):
-            if spec.name not in tests:
-                continue
+        for step, tests in sorted(evaluated.items()):
             summary, _ = arm_summary(spec, [{"seed": curve["seed"], "tests": tests}], weights, query_index)
-            points.append({"step": int(step), "pairs": int(step) * curve["batch_size"],
+            points.append({"step": step, "pairs": step * curve["batch_size"],
                            "gaps": {gap: {"value": g["abs"]["value"], "ci95": g["abs"]["ci95"]}
                                     for gap, g in summary["gaps"].items()},
                            "r1": {group: group_r1(summary, present) for group, langs in spec.groups.items()
@@ -435,8 +438,9 @@ def curves_markdown(results: dict) -> list[str]:
         return []
     lines = ["## How the gap moves with training length", "",
              (f"One longer run per arm (the {teacher_label(results, results['curve_teacher'])} teacher, the arm's "
-              "swept knobs, first seed), its test sets evaluated at each kept checkpoint: absolute gap [95% "
-              "image-bootstrap interval], then each group's mean R@1. ![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
+              "swept knobs, first seed), its test sets evaluated at each kept checkpoint (0 pairs: the undistilled "
+              "student): absolute gap [95% image-bootstrap interval], then each group's mean R@1. "
+              "![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
     for name, arms in results["curves"].items():
         gaps, groups = list(results["tests"][name]["gaps"]), list(results["tests"][name]["groups"])
         lines += [f"### {name} ({results['tests'][name]['protocol']})", "",

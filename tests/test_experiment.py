@@ -20,6 +20,7 @@ from optical_ray.experiment import (
     training_fields,
     unpack_ranks,
 )
+from optical_ray.reports import group_r1
 
 
 def experiment_config(tmp_path, **extra) -> ExperimentConfig:
@@ -141,11 +142,14 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert "the experiment complete" in (out / "RESULTS.md").read_text()
     # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
     curve = saved["curves"]["sample_2018"]["ot+contrastive"]
-    assert [(p["step"], p["pairs"]) for p in curve] == [(2, 16), (4, 32)]
-    lo, hi = curve[1]["gaps"]["held_out_low"]["ci95"]
-    assert lo <= curve[1]["gaps"]["held_out_low"]["value"] <= hi
-    assert curve[1]["gaps"]["held_out_low"]["value"] == pytest.approx(
-        curve[1]["r1"]["high"] - curve[1]["r1"]["held_out_low"])
+    assert [(p["step"], p["pairs"]) for p in curve] == [(0, 0), (2, 16), (4, 32)]  # 0: the undistilled student
+    sample = saved["tests"]["sample_2018"]
+    assert curve[0]["r1"] == pytest.approx({group: group_r1(sample["arms"]["none"], langs)
+                                            for group, langs in sample["groups"].items()})
+    lo, hi = curve[-1]["gaps"]["held_out_low"]["ci95"]
+    assert lo <= curve[-1]["gaps"]["held_out_low"]["value"] <= hi
+    assert curve[-1]["gaps"]["held_out_low"]["value"] == pytest.approx(
+        curve[-1]["r1"]["high"] - curve[-1]["r1"]["held_out_low"])
     assert saved["curve_teacher"] == choice["chosen"]  # the curves use the teacher the answer ends on
     [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
