@@ -357,8 +357,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
     (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
     listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
-    Last, the curves, with the teacher the answer ends on. Results are rewritten after each run. ``recorded_only``: train and evaluate nothing, only write the
-    results of what is recorded so far."""
+    Last, the curves, with the teacher the answer ends on. Results are rewritten after each run.
+    ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far."""
     from .reports import write_results
 
     check_arms(cfg.arms)
