@@ -90,14 +90,17 @@ def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[s
 def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[str], n_resamples: int) -> dict:
     """Per arm and gap: the absolute gap under the baseline teacher and under the other, the paired 95%
     interval of the change (other - baseline) on the same image draws, and each group's R@1 under both
-    (a gap can also close because the higher group falls)."""
+    (a gap can also close because the higher group falls). Paired by seed too: only the seeds both
+    teachers have runs of (while the other teacher's runs land, the baseline's same seeds)."""
     spec = test.spec
     weights, query_index, _ = image_draws(test, n_resamples)
     out = {}
     for arm in arms:
-        base_runs = [r for r in baseline if r["arm"] == arm and spec.name in r["tests"]]
-        other_runs = [r for r in other if r["arm"] == arm and spec.name in r["tests"]]
-        if not base_runs or not other_runs:
+        base_runs, other_runs = ([r for r in records if r["arm"] == arm and spec.name in r["tests"]]
+                                 for records in (baseline, other))
+        seeds = sorted({r["seed"] for r in base_runs} & {r["seed"] for r in other_runs})
+        base_runs, other_runs = ([r for r in runs if r["seed"] in seeds] for runs in (base_runs, other_runs))
+        if not seeds:
             continue
         (base, base_draws), (new, new_draws) = (arm_summary(spec, runs, weights, query_index)
                                                 for runs in (base_runs, other_runs))
@@ -105,7 +108,8 @@ def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[s
                           "change_ci95": list(metrics.percentile_interval(new_draws[f"{gap}/abs"] - base_draws[f"{gap}/abs"])),
                           "r1": {group: {"baseline": group_r1(base, base["gaps"][gap][side]),
                                          "other": group_r1(new, base["gaps"][gap][side])}
-                                 for group, side in zip(spec.gaps[gap], ("upper", "lower"))}}
+                                 for group, side in zip(spec.gaps[gap], ("upper", "lower"))},
+                          "seeds": seeds}
                     for gap in spec.gaps}
     return out
 
@@ -386,14 +390,15 @@ def teacher_markdown(results: dict) -> list[str]:
         return lines + ["The chosen teacher is the baseline: nothing more to run.", ""]
     lines += [(f"Every arm again with the {teacher_label(results, chosen['teacher'])} teacher: the absolute gap "
               f"under the baseline teacher `{results['teacher']}` and under it, with the paired 95% interval of the "
-              "change (negative: the chosen teacher narrows the gap), and each group's R@1 under both."), ""]
+              "change (negative: the chosen teacher narrows the gap), and each group's R@1 under both; each arm "
+              "on the seeds both teachers have runs of."), ""]
     for name, arms in chosen["vs_baseline"].items():
         if not arms:
             continue
         lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
-                  "| arm | gap | baseline teacher | chosen teacher | change [95% CI] | higher group R@1 | lower group R@1 |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {arm_label(arm)} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
+                  ("| arm | seeds | gap | baseline teacher | chosen teacher | change [95% CI] | higher group R@1 | "
+                   "lower group R@1 |"), "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {arm_label(arm)} | {len(g['seeds'])} | {gap} | {g['baseline']:.3f} | {g['other']:.3f} | "
                   f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} | {group_cells(g)} |"
                   for arm, gaps in arms.items() for gap, g in gaps.items()]
         lines.append("")

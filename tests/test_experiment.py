@@ -274,6 +274,11 @@ def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     lo, hi = narrower["change_ci95"]
     assert -1.0 <= lo <= -0.5 <= hi <= 0.0
     assert compare_teachers(test, frozen, frozen, ["mse"], n_resamples=50)["mse"]["low"]["change_ci95"] == [0.0, 0.0]
+    # While the other teacher's seeds land, it is compared with the baseline's same seeds only.
+    seed1 = {**record([1, 1, 1, 1], [1, 1, 1, 1]), "seed": 1}     # gap 0.00: would halve the baseline's mean
+    partial = compare_teachers(test, frozen + [seed1], better, ["mse"], n_resamples=50)["mse"]["low"]
+    assert partial["seeds"] == [0] and partial["baseline"] == pytest.approx(0.5)
+    assert compare_teachers(test, [seed1], better, ["mse"], n_resamples=50) == {}  # no seed in common
 
 
 def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
