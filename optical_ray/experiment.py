@@ -12,8 +12,8 @@ changes when the teacher already knows the retrieval task?
 3. with several teacher candidates: the task-trained teacher (``teacher_training``, recorded under
    ``results_dir/teachers``), an MSE run per candidate to choose one on dev, and -- when the choice is
    not the baseline -- every arm and seed again with it (retuned, or with the baseline's knobs);
-4. the training-length curves (``curve``): a longer run per listed arm with the chosen teacher,
-   evaluated at each kept checkpoint;
+4. the training-length curves (``curve``): a longer run per listed arm with the teacher its knobs were
+   swept under, evaluated at each kept checkpoint;
 5. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
    (refreshed after every run, so partial results are readable).
 
@@ -357,7 +357,7 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
     (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
     listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
-    Last, the curves, with the teacher the answer ends on. Results are rewritten after each run.
+    Last, the curves, with the teacher the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far."""
     from .reports import write_results
 
@@ -407,8 +407,9 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
                 runs[chosen] = Teacher(chosen, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})
                 run_arms(runs[chosen])
     if cfg.curve:
-        # With the teacher the answer ends on: the chosen one (the baseline when it won or no choice is made).
-        teacher = runs.get(choice.get("chosen"), runs[baseline])
+        # With the teacher the arms' knobs were swept under: the baseline's, unless retuned for the chosen
+        # one (OT + contrastive's knobs, reused with the task-trained teacher, collapse its retrieval).
+        teacher = runs[choice["chosen"]] if cfg.retune_for_teacher and choice.get("chosen") in runs else runs[baseline]
         for arm in check_arms(cfg.curve.arms):
             if arm in teacher.sweeps and (curve := runner.curve(arm, teacher.name, teacher.sweeps[arm]["params"])):
                 curves.append(curve)

@@ -150,7 +150,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert lo <= curve[-1]["gaps"]["held_out_low"]["value"] <= hi
     assert curve[-1]["gaps"]["held_out_low"]["value"] == pytest.approx(
         curve[-1]["r1"]["high"] - curve[-1]["r1"]["held_out_low"])
-    assert saved["curve_teacher"] == choice["chosen"]  # the curves use the teacher the answer ends on
+    assert saved["curve_teacher"] == str(tiny_teacher_dir)  # the teacher the knobs were swept under
     [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
     assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
