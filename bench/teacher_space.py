@@ -1,5 +1,6 @@
 """How far a teacher's embedding space sits from the student's own (issue 13: with the task-trained
-teacher, MSE gains while OT + contrastive collapses). Run by hand:
+teacher, MSE gains while OT + contrastive, on knobs swept under the frozen teacher, collapses). Run by
+hand:
 
     .venv/bin/python bench/teacher_space.py --teacher runs/experiment/teacher-be2e61efd3ca/student
 
@@ -12,10 +13,9 @@ translations), it reports for the student's start and for the teacher:
   two (1.0: the teacher's point for a caption is still nearest the student's point for it);
 * ``--lang`` -> English R@1 within each model.
 
-MSE (Reimers & Gurevych) pulls both the student's English and its translation onto the teacher's
-English point; OT and contrastive pull only the translation. When the teacher's geometry is the
-student's own (the frozen student-init teacher) that keeps the two sides in register; when it is not,
-only the MSE term anchors the student's English to where its translations are going.
+A teacher that keeps the neighbours but moves the space (R@1 across near 1, mean cosines far apart)
+hands the student targets of another shape than the one its knobs were swept for; bench/RESULTS.md
+has the reading of the recorded run.
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def main() -> None:
     parser.add_argument("--teacher", required=True, help="model folder or shipped name")
     parser.add_argument("--student", default="student-init", help="the student's start")
     parser.add_argument("--lang", default="de")
-    parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--n", type=int, default=400, help="caption pairs (at least 2)")
     args = parser.parse_args()
+    if args.n < 2:
+        parser.error(f"--n {args.n}: a mean cosine between different captions needs at least 2")
     torch.set_num_threads(1)  # beside a running experiment
 
     captions = read_captions(str(SAMPLE_DIR / "test_2018_captions.parquet"))

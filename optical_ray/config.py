@@ -465,7 +465,8 @@ TASK_TRAINED = "task-trained"  # the teacher candidate an experiment trains itse
 
 class CurveConfig(Config):
     """How the gap moves with training length: one long run per arm (the arm's swept knobs and the
-    teacher they were swept under: the chosen one if ``retune_for_teacher``, else the baseline), the test sets evaluated at each of its checkpoints."""
+    teacher they were swept under: the chosen one if ``retune_for_teacher``, else the baseline), the
+    test sets evaluated at each of its checkpoints."""
 
     arms: Names = Field(default_factory=lambda: ["mse", "ot+contrastive"])
     steps: PositiveInt = 2000

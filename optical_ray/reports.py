@@ -196,8 +196,9 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
         points = sum(len(c["points"]) for c in curves)
         if points < wanted:
             pending.append(f"the training-length curves ({points} of {wanted} points)")
-    return {"runs": baseline_done + len(choice_runs) + sum(len(t.records) for t in others), "baseline_runs": baseline_done,
-            "baseline_expected": baseline_expected, "pending": pending, "complete": not pending}
+    runs_done = baseline_done + len(choice_runs) + sum(len(t.records) for t in others)
+    return {"runs": runs_done, "baseline_runs": baseline_done, "baseline_expected": baseline_expected,
+            "pending": pending, "complete": not pending}
 
 
 def status_line(status: dict) -> str:
