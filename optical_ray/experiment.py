@@ -354,9 +354,10 @@ def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str,
 
 
 def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
-    """Every arm with the baseline teacher (the first candidate): its sweeps, then every run seed by seed
-    (so one seed of every arm comes first). Then, with several candidates, the task-trained teacher (when
-    listed) and the choice on dev; if the choice is not the baseline, every arm and seed again with it.
+    """Every arm with the baseline teacher (the first candidate), seed by seed, each arm swept just before
+    its first run (so one seed of every arm comes first, each as soon as its knobs are). Then, with
+    several candidates, the task-trained teacher (when listed) and the choice on dev; if the choice is not
+    the baseline, every arm and seed again with it (swept again under it if ``retune_for_teacher``).
     Last, the curves, with the teacher the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far."""
     from .reports import write_results
@@ -368,8 +369,7 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
     untrained = [untrained_run] if untrained_run is not None else []
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]
     baseline = cfg.teachers[0]
-    sweeps = {arm: runner.sweep(arm, baseline) for arm in trained}
-    runs = {baseline: Teacher(baseline, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})}
+    runs = {baseline: Teacher(baseline)}
     task_teacher, choice, choice_runs, curves = None, {}, {}, []
 
     def report() -> dict:
@@ -379,16 +379,20 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
         if not recorded_only:  # one report at the end is enough when nothing runs
             report()
 
-    def run_arms(teacher: Teacher) -> None:
+    def run_arms(teacher: Teacher, swept_under: str) -> None:
         for seed in cfg.seeds:
-            for arm in teacher.sweeps:
+            for arm in trained:
+                if arm not in teacher.sweeps and (sweep := runner.sweep(arm, swept_under)) is not None:
+                    teacher.sweeps[arm] = sweep
+                if arm not in teacher.sweeps:  # with recorded_only: not swept yet
+                    continue
                 record = runner.trained(arm, seed, teacher.name, teacher.sweeps[arm]["params"])
                 if record is not None:
                     teacher.records.append(record)
                     progress()
 
     progress()
-    run_arms(runs[baseline])
+    run_arms(runs[baseline], swept_under=baseline)
     if len(cfg.teachers) > 1:
         if TASK_TRAINED in cfg.teachers:
             task_teacher = runner.task_teacher()
@@ -402,10 +406,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
                     progress()
             chosen = choice.get("chosen")
             if chosen not in (None, baseline):
-                sweeps = {arm: runner.sweep(arm, chosen) if cfg.retune_for_teacher else sweep
-                          for arm, sweep in runs[baseline].sweeps.items()}
-                runs[chosen] = Teacher(chosen, {arm: sweep for arm, sweep in sweeps.items() if sweep is not None})
-                run_arms(runs[chosen])
+                runs[chosen] = Teacher(chosen)
+                run_arms(runs[chosen], swept_under=chosen if cfg.retune_for_teacher else baseline)
     if cfg.curve:
         # With the teacher the arms' knobs were swept under: the baseline's, unless retuned for the chosen
         # one (OT + contrastive's knobs, reused with the task-trained teacher, collapse its retrieval).
@@ -422,5 +424,5 @@ class Teacher:
     """One teacher's part of the experiment: its sweeps (or the baseline's, reused) and its runs."""
 
     name: str
-    sweeps: dict[str, dict]
+    sweeps: dict[str, dict] = field(default_factory=dict)  # by arm, filled as each arm's first run starts
     records: list[dict] = field(default_factory=list)

@@ -190,7 +190,9 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
     elif choice.get("chosen", baseline.name) != baseline.name:
         chosen_done = sum(len(t.records) for t in others)
         if chosen_done < per_teacher:
-            pending.append(f"every arm and seed with the chosen teacher ({chosen_done} of {per_teacher} runs)")
+            swept = (f"{sum(len(t.sweeps) for t in others)} of {per_teacher // len(cfg.seeds)} sweeps, "
+                     if cfg.retune_for_teacher else "")
+            pending.append(f"every arm and seed with the chosen teacher ({swept}{chosen_done} of {per_teacher} runs)")
     if cfg.curve:
         wanted = sum(arm in cfg.arms for arm in cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
         points = sum(len(c["points"]) for c in curves)

@@ -84,7 +84,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir), "task-trained"],
         "teacher_training": {"student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32,
                              "test_sets": [{"name": "val_again", "data": [str(SAMPLE_DIR / "val_english_captions.parquet")]}]},
-        "retune_for_teacher": False, "held_out_languages": ["gn"],
+        "retune_for_teacher": True, "held_out_languages": ["gn"],
         "curve": {"arms": ["ot+contrastive"], "steps": 4, "every": 2},
         "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
                     "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
@@ -127,11 +127,12 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     mse_choice_runs = [r for r in records if r.startswith("mse-seed0-")]
     ot_runs = [r for r in records if r.startswith("ot-contrastive-seed0-")]
     assert len(mse_choice_runs) == 2 and len(records) == 1 + 2 + len(ot_runs)
-    assert len(list((out / "sweeps").glob("ot-contrastive-*.json"))) == 1  # retune_for_teacher: false
+    sweeps = [json.loads(p.read_text()) for p in (out / "sweeps").glob("ot-contrastive-*.json")]
     if choice["chosen"] == str(tiny_teacher_dir):  # the baseline won: nothing more to run
-        assert len(ot_runs) == 1 and "chosen_teacher" not in saved
-    else:  # every arm again with the chosen teacher, compared gap by gap with the baseline's
+        assert len(ot_runs) == 1 and len(sweeps) == 1 and "chosen_teacher" not in saved
+    else:  # every arm swept and run again with the chosen teacher, compared gap by gap with the baseline's
         assert len(ot_runs) == 2 and saved["chosen_teacher"]["teacher"] == choice["chosen"]
+        assert sorted(s["teacher"] for s in sweeps) == sorted([str(tiny_teacher_dir), choice["chosen"]])
         change = saved["chosen_teacher"]["vs_baseline"]["sample_2018"]["ot+contrastive"]["trained_low"]
         lo, hi = change["change_ci95"]
         assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
@@ -150,7 +151,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert lo <= curve[-1]["gaps"]["held_out_low"]["value"] <= hi
     assert curve[-1]["gaps"]["held_out_low"]["value"] == pytest.approx(
         curve[-1]["r1"]["high"] - curve[-1]["r1"]["held_out_low"])
-    assert saved["curve_teacher"] == str(tiny_teacher_dir)  # the teacher the knobs were swept under
+    assert saved["curve_teacher"] == choice["chosen"]  # the teacher the knobs were swept under
     [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
     assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
@@ -324,11 +325,11 @@ def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
     assert "**partial**" not in status_line(status) and "the teacher choice on dev (1 of 2 candidate runs)" in status_line(status)
 
     choice_runs["minilm-en"] = {"arm": "mse"}
-    chosen = Teacher("minilm-en", {}, records=[{"arm": "mse"}])
+    chosen = Teacher("minilm-en", {"mse": {"params": {}}}, records=[{"arm": "mse"}])  # ot not swept again yet
     runs, choice = {"student-init": baseline, "minilm-en": chosen}, {"chosen": "minilm-en"}
     status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}}}])
     assert status["runs"] == 8
-    assert status["pending"] == ["every arm and seed with the chosen teacher (1 of 4 runs)",
+    assert status["pending"] == ["every arm and seed with the chosen teacher (1 of 2 sweeps, 1 of 4 runs)",
                                  "the training-length curves (1 of 2 points)"]
 
     chosen.records += [{"arm": "ot"}] * 3
