@@ -501,7 +501,7 @@ class ExperimentConfig(Config):
     bootstrap: PositiveInt = 1000  # image resamples for the 95% intervals
     out_dir: LocalPath = "runs/experiment"  # models and Ray storage (large, not committed)
     results_dir: LocalPath = "docs/experiment"  # run records, results.json, RESULTS.md and plots (committed)
-    keep_models: StrictBool = False  # a student and its Ray checkpoints are deleted once evaluated and recorded
+    keep_models: StrictBool = False  # a run's student and Ray checkpoints, a sweep's Tune storage: deleted once recorded
 
     @model_validator(mode="after")
     def _task_trained_needs_training(self) -> ExperimentConfig:

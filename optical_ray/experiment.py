@@ -248,8 +248,8 @@ class Runner:
         return record
 
     def discard(self, *folders: str | Path) -> None:
-        """Once a run is recorded, its student and Ray checkpoints (1.3 GB a run) have served it and its
-        resumption: deleted unless ``keep_models``."""
+        """Once a run or a sweep is recorded, its student and Ray checkpoints (1.3 GB a run, up to 2.5 GB a
+        sweep) have served it and its resumption: deleted unless ``keep_models``."""
         if not self.cfg.keep_models:
             for folder in folders:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -337,6 +337,7 @@ class Runner:
         record = {"arm": arm, "key": key, "teacher": teacher, "params": result.best_params,
                   "knobs": list(ARMS[arm].knobs), "trials": result.trials.to_pylist(), "trial_steps": result.trial_steps}
         write_record(path, record)
+        self.discard(Path(sweep.storage_path) / sweep.name)
         return record
 
 

@@ -139,6 +139,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     assert not (tmp_path / "runs" / "ray" / "ot-contrastive-seed0").exists()  # and its checkpoints
     assert not list((tmp_path / "runs" / "ray").glob("teacher-*"))  # the teacher's too; its model stays
+    assert not list((tmp_path / "runs" / "tune").glob("*"))  # and the sweeps' trials, their record kept
     assert saved["status"]["complete"] and saved["status"]["runs"] == len(records)
     assert "the experiment complete" in (out / "RESULTS.md").read_text()
     # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
