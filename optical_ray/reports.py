@@ -156,7 +156,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     for other in others:
         other_records = untrained + other.records
         results["chosen_teacher"] = {
-            "teacher": other.name, "arms": arms_summary(cfg.arms, other_records, other.sweeps),
+            "teacher": other.name, "retuned": cfg.retune_for_teacher,
+            "arms": arms_summary(cfg.arms, other_records, other.sweeps),
             "tests": {t.spec.name: summarize_test(t, other_records, cfg.arms, cfg.bootstrap) for t in tests},
             "vs_baseline": {t.spec.name: compare_teachers(t, baseline.records, other.records, trained, cfg.bootstrap)
                             for t in tests}}
@@ -324,13 +325,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
         (f"- Equal tuning: each trained arm gets one Ray Tune sweep of {cfg.sweep.num_samples} trials "
          f"({cfg.sweep.scheduler}, objective {cfg.sweep.objective} on the dev split, trained languages only) over "
          "its own knobs; the chosen values:"), "",
-        "| arm | knobs swept | chosen | dev objective inputs (mean over seeds) |", "|---|---|---|---|"]
-    from .experiment import ARMS
-
-    for arm, info in results["arms"].items():
-        chosen = ", ".join(f"{k} {v:.3g}" for k, v in info["params"].items()) or "—"
-        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in info["dev"].items() if k in ("dev_r1_low", "dev_r1_mean")) or "—"
-        lines.append(f"| {info['label']} | {', '.join(ARMS[arm].knobs) or '—'} | {chosen} | {dev} |")
+        *knob_table(results["arms"])]
     lines += ["", ("- R@1: mean over seeds (± seed standard deviation). Gaps: absolute (`abs`, used by the answer) "
                    "and relative error rate (`rel` = (1 − R@1 low) / (1 − R@1 high)); intervals are 95% percentile "
                    f"bootstraps over images ({results['bootstrap']} resamples), the same draw for every language, "
@@ -395,6 +390,12 @@ def teacher_markdown(results: dict) -> list[str]:
               f"under the baseline teacher `{results['teacher']}` and under it, with the paired 95% interval of the "
               "change (negative: the chosen teacher narrows the gap), and each group's R@1 under both; each arm "
               "on the seeds both teachers have runs of."), ""]
+    if chosen["retuned"]:
+        lines += ["Each arm swept again under it (the same budget and search); the chosen values:", "",
+                  *knob_table({arm: info for arm, info in chosen["arms"].items() if info["params"]}),
+                  ""]
+    else:
+        lines += ["Each arm with the knobs swept under the baseline teacher (`retune_for_teacher: false`).", ""]
     for name, arms in chosen["vs_baseline"].items():
         if not arms:
             continue
@@ -405,6 +406,18 @@ def teacher_markdown(results: dict) -> list[str]:
                   f"{g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} | {group_cells(g)} |"
                   for arm, gaps in arms.items() for gap, g in gaps.items()]
         lines.append("")
+    return lines
+
+
+def knob_table(arms: dict) -> list[str]:
+    """Each arm's swept knobs, the values its sweep chose and its runs' mean dev scores."""
+    from .experiment import ARMS
+
+    lines = ["| arm | knobs swept | chosen | dev objective inputs (mean over seeds) |", "|---|---|---|---|"]
+    for arm, info in arms.items():
+        chosen = ", ".join(f"{k} {v:.3g}" for k, v in info["params"].items()) or "—"
+        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in info["dev"].items() if k in ("dev_r1_low", "dev_r1_mean")) or "—"
+        lines.append(f"| {info['label']} | {', '.join(ARMS[arm].knobs) or '—'} | {chosen} | {dev} |")
     return lines
 
 

@@ -96,8 +96,14 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
                        "groups": {"high": ["de", "es"], "trained_low": ["ay", "qu"], "held_out_low": ["gn"]},
                        "gaps": {"trained_low": ["high", "trained_low"], "held_out_low": ["high", "held_out_low"]}}],
     })
+    import optical_ray.experiment
     from optical_ray.experiment import run_experiment
 
+    # Tiny random teachers score by chance on dev, and the baseline happens to win: the task-trained one is
+    # made the choice so that the path a real run takes (every arm swept and run again) runs here too.
+    real_choice = optical_ray.experiment.choose_teacher
+    monkeypatch.setattr(optical_ray.experiment, "choose_teacher",
+                        lambda cfg, candidates, runs: (c := real_choice(cfg, candidates, runs)) and {**c, "chosen": candidates[-1]})
     results = run_experiment(cfg)
     out = tmp_path / "results"
     # Hours-long runs say what they start and where each record went.
@@ -114,7 +120,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     # The choice on dev: one MSE run per candidate, the best objective wins.
     choice = saved["teacher_choice"]
     candidates = [str(tiny_teacher_dir), teacher_record["model"]]
-    assert list(choice["dev_scores"]) == candidates and choice["chosen"] == max(candidates, key=choice["dev_scores"].get)
+    assert list(choice["dev_scores"]) == candidates and choice["chosen"] == teacher_record["model"]
     # The choice runs differ only in their teacher: compared on the test sets whichever teacher is chosen.
     by_teacher = choice["vs_baseline"]["sample_2018"][teacher_record["model"]]["trained_low"]
     lo, hi = by_teacher["change_ci95"]
@@ -127,15 +133,18 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     mse_choice_runs = [r for r in records if r.startswith("mse-seed0-")]
     ot_runs = [r for r in records if r.startswith("ot-contrastive-seed0-")]
     assert len(mse_choice_runs) == 2 and len(records) == 1 + 2 + len(ot_runs)
+    # Every arm swept and run again with the chosen teacher, compared gap by gap with the baseline's.
     sweeps = [json.loads(p.read_text()) for p in (out / "sweeps").glob("ot-contrastive-*.json")]
-    if choice["chosen"] == str(tiny_teacher_dir):  # the baseline won: nothing more to run
-        assert len(ot_runs) == 1 and len(sweeps) == 1 and "chosen_teacher" not in saved
-    else:  # every arm swept and run again with the chosen teacher, compared gap by gap with the baseline's
-        assert len(ot_runs) == 2 and saved["chosen_teacher"]["teacher"] == choice["chosen"]
-        assert sorted(s["teacher"] for s in sweeps) == sorted([str(tiny_teacher_dir), choice["chosen"]])
-        change = saved["chosen_teacher"]["vs_baseline"]["sample_2018"]["ot+contrastive"]["trained_low"]
-        lo, hi = change["change_ci95"]
-        assert lo <= hi and "## A teacher that knows the task" in (out / "RESULTS.md").read_text()
+    assert len(ot_runs) == 2 and saved["chosen_teacher"]["teacher"] == choice["chosen"]
+    assert sorted(s["teacher"] for s in sweeps) == sorted([str(tiny_teacher_dir), choice["chosen"]])
+    change = saved["chosen_teacher"]["vs_baseline"]["sample_2018"]["ot+contrastive"]["trained_low"]
+    lo, hi = change["change_ci95"]
+    assert lo <= change["other"] - change["baseline"] <= hi
+    [retuned] = [s["params"] for s in sweeps if s["teacher"] == choice["chosen"]]
+    assert saved["chosen_teacher"]["arms"]["ot+contrastive"]["params"] == retuned  # its runs used its own sweep
+    knobs = (out / "RESULTS.md").read_text().split("Each arm swept again under it")[1]
+    assert "| (3) OT + contrastive | lr, sinkhorn_reg, temperature, ot_weight | " + ", ".join(
+        f"{k} {v:.3g}" for k, v in retuned.items()) in knobs
     assert not (tmp_path / "runs" / "arms" / "ot-contrastive-seed0").exists()  # the student is gone once recorded
     assert not (tmp_path / "runs" / "ray" / "ot-contrastive-seed0").exists()  # and its checkpoints
     assert not list((tmp_path / "runs" / "ray").glob("teacher-*"))  # the teacher's too; its model stays
@@ -186,8 +195,6 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 
     # --report-only: the results of what is recorded, nothing trained or evaluated, even with runs missing.
     import shutil
-
-    import optical_ray.experiment
 
     monkeypatch.setattr(optical_ray.experiment, "evaluate_model", refuse)
     partial = tmp_path / "partial"
@@ -305,6 +312,17 @@ def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
     assert len(lines) == 1 and "gap `low` (de − qu) = 0.500 without distillation" in lines[0]
     assert "(1) MSE 0.250 (-0.250; R@1 high -0.250, low +0.000)" in lines[0]
     assert "(2) OT 0.250 (-0.250; R@1 high +0.000, low +0.250)" in lines[0]
+
+
+def test_the_teacher_with_the_best_dev_objective_is_chosen_once_every_candidate_has_run(tmp_path):
+    from optical_ray.experiment import choose_teacher
+
+    cfg = experiment_config(tmp_path, teachers=["a", "b", "c"])  # objective low_r1, not the mean or the gap
+    runs = {"a": {"dev": {"dev_r1_low": 0.3, "dev_r1_mean": 0.9, "dev_gap": 0.1}},
+            "b": {"dev": {"dev_r1_low": 0.35, "dev_r1_mean": 0.5, "dev_gap": 0.5}}}
+    assert choose_teacher(cfg, ["a", "b", "c"], runs) == {}  # c has not run yet
+    runs["c"] = {"dev": {"dev_r1_low": 0.2, "dev_r1_mean": 0.6, "dev_gap": 0.0}}
+    assert choose_teacher(cfg, ["a", "b", "c"], runs) == {"chosen": "b", "dev_scores": {"a": 0.3, "b": 0.35, "c": 0.2}}
 
 
 def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
