@@ -104,7 +104,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
     if not args.report_only:
         _connect_ray(args)
-    results = run_experiment(cfg, recorded_only=args.report_only)
+    results = run_experiment(cfg, recorded_only=args.report_only, verbose=args.verbose)
     print("\n".join(answer_lines(results)))
     print(f"report: {cfg.results_dir}/RESULTS.md (plots r1_by_arm.png, gap_by_arm.png; numbers in results.json)")
 

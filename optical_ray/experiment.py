@@ -193,8 +193,9 @@ class Runner:
     """Runs (or finds recorded) sweeps and runs; everything it returns is a record. With
     ``recorded_only`` it runs nothing and returns None for what is not recorded yet."""
 
-    def __init__(self, cfg: ExperimentConfig, tests: list[TestData], recorded_only: bool = False):
-        self.cfg, self.tests, self.recorded_only = cfg, tests, recorded_only
+    def __init__(self, cfg: ExperimentConfig, tests: list[TestData], recorded_only: bool = False,
+                 verbose: bool = True):
+        self.cfg, self.tests, self.recorded_only, self.verbose = cfg, tests, recorded_only, verbose
         self.results = Path(cfg.results_dir)
         self.tests_key = tests_key(tests)
 
@@ -331,7 +332,7 @@ class Runner:
         sweep.name = f"{arm.replace('+', '-')}-{key}"
         log.info("%s: sweeping %s (teacher %s); Ray storage %s/%s", arm, ", ".join(ARMS[arm].knobs), teacher,
                  sweep.storage_path, sweep.name)
-        result = run_sweep(sweep, resume=True)
+        result = run_sweep(sweep, resume=True, verbose=self.verbose)
         if result.best is None:
             raise RuntimeError(f"arm {arm}: no sweep trial finished; see {sweep.storage_path}/{sweep.name}/trials.csv")
         record = {"arm": arm, "key": key, "teacher": teacher, "params": result.best_params,
@@ -354,18 +355,19 @@ def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str,
     return {"chosen": chosen, "dev_scores": scores}
 
 
-def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False) -> dict:
+def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: bool = True) -> dict:
     """Every arm with the baseline teacher (the first candidate), seed by seed, each arm swept just before
     its first run (so one seed of every arm comes first, each as soon as its knobs are). Then, with
     several candidates, the task-trained teacher (when listed) and the choice on dev; if the choice is not
     the baseline, every arm and seed again with it (swept again under it if ``retune_for_teacher``).
     Last, the curves, with the teacher the knobs were swept under. Results are rewritten after each run.
-    ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far."""
+    ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far.
+    ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials."""
     from .reports import write_results
 
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)
-    runner = Runner(cfg, tests, recorded_only)
+    runner = Runner(cfg, tests, recorded_only, verbose)
     untrained_run = runner.untrained() if "none" in cfg.arms else None  # first: it checks every test set cheaply
     untrained = [untrained_run] if untrained_run is not None else []
     trained = [arm for arm in cfg.arms if ARMS[arm].weights is not None]

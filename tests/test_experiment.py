@@ -77,7 +77,7 @@ def test_ranks_round_trip_through_a_record():
 
 
 def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path,
-                                                               monkeypatch, caplog):
+                                                               monkeypatch, caplog, capsys):
     caplog.set_level(logging.INFO, logger="optical_ray.experiment")
     cfg = load_config(ExperimentConfig, {
         "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "bootstrap": 50,
@@ -104,8 +104,9 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     real_choice = optical_ray.experiment.choose_teacher
     monkeypatch.setattr(optical_ray.experiment, "choose_teacher",
                         lambda cfg, candidates, runs: (c := real_choice(cfg, candidates, runs)) and {**c, "chosen": candidates[-1]})
-    results = run_experiment(cfg)
+    results = run_experiment(cfg, verbose=False)  # as the CLI runs it: a bar of trials, not Tune's tables
     out = tmp_path / "results"
+    assert "Trial status" not in capsys.readouterr().out
     # Hours-long runs say what they start and where each record went.
     assert any(m.startswith("ot+contrastive seed 0 (teacher ") and "training and evaluating" in m for m in caplog.messages)
     assert any(m.startswith("ot+contrastive seed 0: recorded in ") and m.endswith(" min") for m in caplog.messages)
