@@ -179,7 +179,8 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
     """How far the experiment has come: run records so far and, in order, what it has still to run
     (the baseline teacher's arms and seeds, the teacher choice, the chosen teacher's runs, the curves)."""
     baseline, *others = runs.values()
-    per_teacher = sum(arm != "none" for arm in cfg.arms) * len(cfg.seeds)
+    trained_arms = sum(arm != "none" for arm in cfg.arms)
+    per_teacher = trained_arms * len(cfg.seeds)
     baseline_expected = per_teacher + ("none" in cfg.arms)
     baseline_done = len(untrained) + len(baseline.records)
     pending = []
@@ -191,7 +192,7 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
     elif choice.get("chosen", baseline.name) != baseline.name:
         chosen_done = sum(len(t.records) for t in others)
         if chosen_done < per_teacher:
-            swept = (f"{sum(len(t.sweeps) for t in others)} of {per_teacher // len(cfg.seeds)} sweeps, "
+            swept = (f"{sum(len(t.sweeps) for t in others)} of {trained_arms} sweeps, "
                      if cfg.retune_for_teacher else "")
             pending.append(f"every arm and seed with the chosen teacher ({swept}{chosen_done} of {per_teacher} runs)")
     if cfg.curve:
