@@ -10,8 +10,9 @@ changes when the teacher already knows the retrieval task?
    small JSON record under ``results_dir/runs`` keyed by a hash of its effective config, and skipped on
    the next call: an interrupted experiment continues where it stopped, even in another session;
 3. with several teacher candidates: the task-trained teacher (``teacher_training``, recorded under
-   ``results_dir/teachers``), an MSE run per candidate to choose one on dev, and -- when the choice is
-   not the baseline -- every arm and seed again with it (retuned, or with the baseline's knobs);
+   ``results_dir/teachers``; on a machine without its model, trained again and checked against the
+   record), an MSE run per candidate to choose one on dev, and -- when the choice is not the baseline --
+   every arm and seed again with it (retuned, or with the baseline's knobs);
 4. the training-length curves (``curve``): a longer run per listed arm with the teacher its knobs were
    swept under, evaluated at each kept checkpoint;
 5. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
@@ -55,6 +56,11 @@ from .evaluate import COMPARISON_MAX_LENGTH, rank_queries
 from .losses import LossWeights
 
 log = logging.getLogger(__name__)
+
+# A teacher trained again from its record on another machine may differ in the last bits of its weights
+# (other CPU kernels): its dev R@1 may move this much -- 7 of the 1,500 dev queries -- and it is still
+# the recorded teacher.
+TEACHER_REBUILD_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -312,6 +318,8 @@ class Runner:
         record = self._recorded(path)
         if self.recorded_only or (record is not None and Path(model).exists()):  # a report needs no model
             return record
+        if record is not None:
+            return self.rebuild_teacher(teacher_cfg, path, record)
         log.info("training the task teacher; Ray storage %s/%s", teacher_cfg.ray.storage_path, teacher_cfg.ray.name)
         started = time.time()
         _, report = train_teacher(teacher_cfg)
@@ -319,6 +327,29 @@ class Runner:
                   "wall_s": time.time() - started}
         write_record(path, record)
         self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)  # the model stays
+        return record
+
+    def rebuild_teacher(self, teacher_cfg: TeacherConfig, path: Path, record: dict) -> dict:
+        """Train the recorded teacher again when its model is gone (out_dir does not outlive a machine,
+        the record does), checked against the record by its dev R@1 instead of the whole before/after
+        report: runs recorded with the first model are only comparable with runs of the same teacher."""
+        from .teacher import dev_recall
+        from .train import run_training
+
+        log.info("the task teacher is recorded in %s but its model is gone: training it again; Ray storage %s/%s",
+                 path, teacher_cfg.ray.storage_path, teacher_cfg.ray.name)
+        started = time.time()
+        rebuilt = dev_recall(teacher_cfg, str(run_training(teacher_cfg)))
+        recorded = record["report"]["sets"]["dev"]["after"]["R@1"]
+        if abs(rebuilt - recorded) > TEACHER_REBUILD_TOLERANCE:
+            raise RuntimeError(
+                f"the task teacher trained again in {record['model']} has dev R@1 {rebuilt:.4f}, its record {path} "
+                f"{recorded:.4f}: it is another teacher, and the runs recorded with the first one cannot be "
+                "compared with runs of this one. Delete the record and the chosen teacher's runs to start over.")
+        record.setdefault("rebuilds", []).append({"dev_R@1": rebuilt, "wall_s": time.time() - started})
+        write_record(path, record)
+        log.info("task teacher trained again: dev R@1 %.4f (recorded %.4f)", rebuilt, recorded)
+        self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)
         return record
 
     def sweep(self, arm: str, teacher: str) -> dict:

@@ -87,15 +87,25 @@ def evaluation_sets(cfg: TeacherConfig) -> dict[str, pa.Table]:
     return sets
 
 
+def semantic_ranks(cfg: TeacherConfig, model: str, sets: dict[str, pa.Table]) -> dict[str, np.ndarray]:
+    """The rank of each ``cfg.data.lang`` caption's image among the other captions, per set."""
+    encoder, lang = Encoder.load(model, max_length=cfg.max_length), cfg.data.lang
+    return {name: rank_queries(encoder, captions, [lang], lang, cfg.eval_batch_size, progress=False,
+                               mask_source=True)[lang] for name, captions in sets.items()}
+
+
+def dev_recall(cfg: TeacherConfig, model: str) -> float:
+    """Semantic-protocol R@1 of ``model`` on the dev set alone: enough to tell a retrained teacher from
+    the recorded one without the whole report."""
+    dev = {"dev": data.read_captions(cfg.data.dev, cfg.data.drop_blank)}
+    return metrics.retrieval_metrics(semantic_ranks(cfg, model, dev)["dev"])["R@1"]
+
+
 def before_and_after(cfg: TeacherConfig, start: str, trained: str, n_resamples: int = 1000) -> dict:
     """Semantic-protocol R@1 of ``start`` and ``trained`` on every evaluation set, with a 95% interval
     on the change (paired bootstrap over images)."""
     lang, sets = cfg.data.lang, evaluation_sets(cfg)
-    ranks = {}
-    for label, model in (("before", start), ("after", trained)):
-        encoder = Encoder.load(model, max_length=cfg.max_length)
-        ranks[label] = {name: rank_queries(encoder, captions, [lang], lang, cfg.eval_batch_size, progress=False,
-                                           mask_source=True)[lang] for name, captions in sets.items()}
+    ranks = {label: semantic_ranks(cfg, model, sets) for label, model in (("before", start), ("after", trained))}
     report = {"lang": lang, "start": start, "trained": trained, "steps": cfg.steps, "sets": {}}
     for name, captions in sets.items():
         images = data.query_captions(captions, lang)["image_id"].to_numpy(zero_copy_only=False)

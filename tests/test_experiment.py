@@ -257,6 +257,44 @@ def test_the_committed_teacher_record_is_found_by_its_key_in_any_checkout():
     assert json.loads(records[0].read_text())["key"] == key
 
 
+def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_against_its_record(
+        ray_cluster, tiny_model_dir, tmp_path, monkeypatch):
+    """A new machine keeps the committed records but not out_dir: the teacher is trained again from its
+    record and must score as recorded on dev, or the runs made with the first one would be mixed with
+    runs of another teacher."""
+    import shutil
+
+    import optical_ray.teacher
+    from optical_ray.experiment import Runner
+
+    cfg = experiment_config(tmp_path, teachers=["student-init", "task-trained"], teacher_training={
+        "student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32})
+    runner = Runner(cfg, [])
+    first = runner.task_teacher()
+    teacher_cfg, _, path = runner.teacher_config()
+    assert "rebuilds" not in first and len(first["report"]["sets"]) == 1  # dev only: no test set configured
+
+    def no_report(*args, **kwargs):
+        raise AssertionError("a rebuild is checked on dev alone, without the before/after report")
+
+    monkeypatch.setattr(optical_ray.teacher, "before_and_after", no_report)
+    shutil.rmtree(teacher_cfg.output_dir)
+    again = runner.task_teacher()
+    [rebuild] = again["rebuilds"]
+    assert rebuild["dev_R@1"] == pytest.approx(first["report"]["sets"]["dev"]["after"]["R@1"], abs=1e-9)
+    assert json.loads(path.read_text()) == again and again["report"] == first["report"]
+    assert runner.task_teacher() == again  # the model is back: nothing trained
+
+    # A rebuild that lands elsewhere on dev is another teacher: refused, the record left as it was.
+    recorded = json.loads(path.read_text())
+    recorded["report"]["sets"]["dev"]["after"]["R@1"] += 0.05
+    path.write_text(json.dumps(recorded))
+    shutil.rmtree(teacher_cfg.output_dir)
+    with pytest.raises(RuntimeError, match=r"another teacher.*Delete the record"):
+        runner.task_teacher()
+    assert json.loads(path.read_text()) == recorded
+
+
 def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     from optical_ray.config import TestSet
     from optical_ray.experiment import TestData
