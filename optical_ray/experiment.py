@@ -29,6 +29,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 import zlib
@@ -228,6 +229,22 @@ class Runner:
         key = config_key({"arm": arm, "distill": training_fields(arm_cfg), "tests": self.tests_key})
         return arm_cfg, key, self.results / "runs" / f"{arm.replace('+', '-')}-seed{seed}-{key}.json"
 
+    def settled(self, arm: str, teacher: str, params: dict) -> dict:
+        """A sweep's knobs, or the exact knobs of a recorded run of the arm with this teacher that equal them
+        to 12 significant digits. The same seeded Tune draw has come out one ulp apart on another machine
+        (lr 7.700029501048745e-05 against ...744e-05), and a run is found by its exact config: without
+        this, finished runs would be trained again for a difference no training can see."""
+        for path in sorted((self.results / "runs").glob(f"{arm.replace('+', '-')}-seed*.json")):
+            recorded = json.loads(path.read_text())
+            knobs = recorded["params"]
+            if (recorded["arm"] == arm and knobs != params and knobs.keys() == params.keys()
+                    and all(math.isclose(knobs[k], v, rel_tol=1e-12) for k, v in params.items())
+                    and self.run_config(arm, recorded["seed"], teacher, knobs)[2] == path):
+                log.info("%s: the swept knobs %s are those of %s to 12 digits; its exact values are used",
+                         arm, params, path.name)
+                return knobs
+        return params
+
     def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict | None:
         from .train import run_training
 
@@ -417,7 +434,7 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
         for seed in cfg.seeds:
             for arm in trained:
                 if arm not in teacher.sweeps and (sweep := runner.sweep(arm, swept_under)) is not None:
-                    teacher.sweeps[arm] = sweep
+                    teacher.sweeps[arm] = {**sweep, "params": runner.settled(arm, teacher.name, sweep["params"])}
                 if arm not in teacher.sweeps:  # with recorded_only: not swept yet
                     continue
                 record = runner.trained(arm, seed, teacher.name, teacher.sweeps[arm]["params"])

@@ -227,19 +227,55 @@ def test_the_committed_sweep_records_are_still_found_by_their_keys():
         assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"
 
 
-def test_the_committed_run_records_are_still_found_by_their_keys():
-    """Like the sweeps: every committed run record of configs/experiment.yaml is where this code looks."""
-    from optical_ray.config import ExperimentConfig
+def committed(pattern: str):
+    """configs/experiment.yaml's committed records matching ``pattern`` (skips without any) and a runner
+    that computes their keys."""
     from optical_ray.experiment import Runner, TestData
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
-    records = sorted((REPO / cfg.results_dir / "runs").glob("*-seed*.json"))
+    records = sorted((REPO / cfg.results_dir).glob(pattern))
     if not records:
-        pytest.skip("no run recorded yet")
-    runner = Runner(cfg, [TestData(spec, captions=None, query_images={}) for spec in cfg.test_sets])
+        pytest.skip(f"nothing recorded yet in {pattern}")
+    return cfg, records, Runner(cfg, [TestData(spec, captions=None, query_images={}) for spec in cfg.test_sets])
+
+
+def test_the_committed_run_records_are_still_found_by_their_keys():
+    """Like the sweeps: every committed run record of configs/experiment.yaml is where this code looks."""
+    _, records, runner = committed("runs/*-seed*.json")
     for path in records:
         record = json.loads(path.read_text())
         assert runner.run_config(record["arm"], record["seed"], record["teacher"], record["params"])[2].name == path.name
+
+
+def test_knobs_one_ulp_from_a_recorded_runs_take_its_exact_values(tmp_path):
+    """A sweep drawn again can land one ulp away from the knobs a run was recorded with: the run is still
+    found. Knobs that really differ, or the same knobs under another teacher, are not mapped onto it."""
+    from optical_ray.experiment import Runner, write_record
+
+    runner = Runner(experiment_config(tmp_path), [])
+    recorded = {"temperature": 0.24083618651648225, "lr": 7.700029501048744e-05}
+    _, key, path = runner.run_config("mse+contrastive", 0, "teacher-a", recorded)
+    write_record(path, {"arm": "mse+contrastive", "seed": 0, "key": key, "teacher": "teacher-a", "params": recorded})
+
+    one_ulp = {**recorded, "lr": float(np.nextafter(recorded["lr"], 1.0))}
+    assert runner.run_config("mse+contrastive", 0, "teacher-a", one_ulp)[2] != path
+    assert runner.settled("mse+contrastive", "teacher-a", one_ulp) == recorded
+    assert runner.run_config("mse+contrastive", 1, "teacher-a", runner.settled("mse+contrastive", "teacher-a", one_ulp))[1] \
+        == runner.run_config("mse+contrastive", 1, "teacher-a", recorded)[1]  # the other seeds share them
+    other = {**recorded, "lr": recorded["lr"] * (1 + 1e-9)}
+    assert runner.settled("mse+contrastive", "teacher-a", other) == other
+    assert runner.settled("mse+contrastive", "teacher-b", one_ulp) == one_ulp
+    assert runner.settled("contrastive", "teacher-a", one_ulp) == one_ulp
+
+
+def test_every_committed_sweep_finds_its_arms_committed_first_seed_run():
+    """The mechanism above on the real records: each committed sweep's knobs, settled, lead to the
+    committed first-seed run of its arm under its teacher (one of them differs from its run by one ulp)."""
+    cfg, sweeps, runner = committed("sweeps/*.json")
+    for path in sweeps:
+        sweep = json.loads(path.read_text())
+        params = runner.settled(sweep["arm"], sweep["teacher"], sweep["params"])
+        assert runner.run_config(sweep["arm"], cfg.seeds[0], sweep["teacher"], params)[2].exists(), path.name
 
 
 def test_the_committed_teacher_record_is_found_by_its_key_in_any_checkout():
