@@ -213,15 +213,9 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 def test_the_committed_sweep_records_are_still_found_by_their_keys():
     """A change to the configs' schema must not orphan finished work: every committed sweep record of
     configs/experiment.yaml is found under the key this code computes for it (so a rerun skips it)."""
-    import json
+    from optical_ray.experiment import sweep_key
 
-    from optical_ray.config import ExperimentConfig
-    from optical_ray.experiment import sweep_config, sweep_key
-
-    cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
-    records = sorted((REPO / cfg.results_dir / "sweeps").glob("*.json"))
-    if not records:
-        pytest.skip("no sweep recorded yet")
+    cfg, records, _ = committed("sweeps/*.json")
     for path in records:
         record = json.loads(path.read_text())
         assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"
