@@ -166,6 +166,7 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
         summaries = {t.spec.name: summarize_curves(t, curves, cfg.bootstrap, start) for t in tests}
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
         results["curve_teacher"] = curves[0]["teacher"]
+        results["curve_seed"] = curves[0]["seed"]
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -460,8 +461,8 @@ def curves_markdown(results: dict) -> list[str]:
         return []
     lines = ["## How the gap moves with training length", "",
              (f"One longer run per arm (the {teacher_label(results, results['curve_teacher'])} teacher, the arm's "
-              "swept knobs, first seed), its test sets evaluated at each kept checkpoint (0 pairs: the undistilled "
-              "student): absolute gap [95% image-bootstrap interval], then each group's mean R@1. "
+              f"swept knobs, seed {results['curve_seed']}), its test sets evaluated at each kept checkpoint (0 pairs: "
+              "the undistilled student): absolute gap [95% image-bootstrap interval], then each group's mean R@1. "
               "![Gap vs pairs seen](gap_vs_pairs.png)"), ""]
     for name, arms in results["curves"].items():
         gaps, groups = list(results["tests"][name]["gaps"]), list(results["tests"][name]["groups"])

@@ -85,7 +85,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
         "teacher_training": {"student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32,
                              "test_sets": [{"name": "val_again", "data": [str(SAMPLE_DIR / "val_english_captions.parquet")]}]},
         "retune_for_teacher": True, "held_out_languages": ["gn"],
-        "curve": {"arms": ["ot+contrastive"], "steps": 4, "every": 2},
+        "curve": {"arms": ["ot+contrastive"], "steps": 4, "every": 2, "seed": 1},  # not a swept seed
         "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
                     "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
                     "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
@@ -163,7 +163,8 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert curve[-1]["gaps"]["held_out_low"]["value"] == pytest.approx(
         curve[-1]["r1"]["high"] - curve[-1]["r1"]["held_out_low"])
     assert saved["curve_teacher"] == choice["chosen"]  # the teacher the knobs were swept under
-    [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed0-*")
+    assert saved["curve_seed"] == 1 and "the arm's swept knobs, seed 1)" in (out / "RESULTS.md").read_text()
+    [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed1-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
     assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
         out / "RESULTS.md").read_text()
