@@ -291,14 +291,7 @@ def answer_lines(results: dict) -> list[str]:
                      *( [f"no clear change with {'; '.join(same)}"] if same else [])]
             lines.append(f"- **{name}** ({test['protocol']}), gap `{gap}` ({groups}) = {ref['abs']['value']:.3f} "
                          f"without distillation: {', '.join(parts)}.")
-        if "ot+contrastive" in arms and "contrastive" in arms:
-            adds = []
-            for gap, entry in arms["ot+contrastive"]["gaps"].items():
-                diff = entry["abs"]["value"] - arms["contrastive"]["gaps"][gap]["abs"]["value"]
-                lo, hi = entry["abs"]["diff_ci95"]["contrastive"]
-                adds.append(f"`{gap}` {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-            lines.append(f"  - OT added to contrastive ({name}): gap change {', '.join(adds)} "
-                         "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
+        lines += ot_over_contrastive(name, arms)
     chosen = results.get("chosen_teacher")
     for name, arms in (chosen or {}).get("vs_baseline", {}).items():
         changes = [f"{arm_label(arm)} `{gap}` {g['other'] - g['baseline']:+.3f} {fmt_interval(g['change_ci95'])} "
@@ -307,7 +300,25 @@ def answer_lines(results: dict) -> list[str]:
         if changes:
             lines.append(f"- **{name}** with the {teacher_label(results, chosen['teacher'])} teacher instead of "
                          f"`{results['teacher']}`: gap change " + "; ".join(changes) + ".")
+    for name, test in (chosen or {}).get("tests", {}).items():
+        lines += ot_over_contrastive(name, test["arms"], f"the {teacher_label(results, chosen['teacher'])} teacher")
     return lines
+
+
+def ot_over_contrastive(name: str, arms: dict, teacher: str | None = None) -> list[str]:
+    """What adding OT to contrastive changes in each gap of one test set (paired image-bootstrap
+    interval of OT + contrastive against contrastive alone, same seeds): one line, or none without both arms."""
+    if "ot+contrastive" not in arms or "contrastive" not in arms:
+        return []
+    adds = []
+    for gap, entry in arms["ot+contrastive"]["gaps"].items():
+        diff = entry["abs"]["value"] - arms["contrastive"]["gaps"][gap]["abs"]["value"]
+        lo, hi = entry["abs"]["diff_ci95"]["contrastive"]
+        adds.append(f"`{gap}` {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    under = f", {teacher}" if teacher else ""
+    line = (f"  - OT added to contrastive ({name}{under}): gap change {', '.join(adds)} "
+            "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
+    return [line]
 
 
 def results_markdown(results: dict, cfg: ExperimentConfig) -> str:

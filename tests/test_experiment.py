@@ -384,6 +384,48 @@ def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
     assert "(2) OT 0.250 (-0.250; R@1 high +0.000, low +0.250)" in lines[0]
 
 
+def test_what_ot_adds_to_contrastive_is_stated_under_every_teacher():
+    """Adding OT to contrastive can help under one teacher and hurt under another: the answer gives the
+    change for the baseline teacher's arms and for the chosen teacher's (hand-computed case)."""
+    from optical_ray.config import TestSet
+    from optical_ray.experiment import TestData
+    from optical_ray.reports import answer_lines, summarize_test
+
+    spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
+    images = np.array(["a", "b", "c", "d"])
+    test = TestData(spec, captions=None, query_images={"de": images, "qu": images})
+
+    def record(arm, qu):
+        return {"arm": arm, "seed": 0, "tests": {"t": {"de": pack_ranks(np.ones(4)), "qu": pack_ranks(np.array(qu, float))}}}
+
+    arms = ["none", "contrastive", "ot+contrastive"]
+    frozen = summarize_test(test, [record("none", [2, 2, 2, 2]), record("contrastive", [1, 2, 2, 2]),
+                                   record("ot+contrastive", [1, 1, 2, 2])], arms, n_resamples=200)   # OT: gap -0.25
+    task = summarize_test(test, [record("none", [2, 2, 2, 2]), record("contrastive", [1, 1, 1, 2]),
+                                 record("ot+contrastive", [1, 2, 2, 2])], arms, n_resamples=200)     # OT: gap +0.50
+    lines = answer_lines({"tests": {"t": frozen}, "teacher_choice": {"task_trained": {"model": "runs/teacher"}},
+                          "chosen_teacher": {"teacher": "runs/teacher", "tests": {"t": task}}})
+    added = [line for line in lines if "OT added to contrastive" in line]
+    assert len(added) == 2
+    assert "(t): gap change `low` -0.250 [" in added[0]
+    assert "(t, the task-trained teacher): gap change `low` +0.500 [" in added[1]
+
+
+def test_the_committed_results_md_is_what_the_report_writes_from_results_json():
+    """RESULTS.md is generated, never edited by hand: from the committed results.json the report code
+    writes it again byte for byte (so a refactor of the report shows up here as a diff)."""
+    import json
+
+    from optical_ray.reports import results_markdown
+
+    cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
+    folder = REPO / cfg.results_dir
+    if not (folder / "results.json").exists():
+        pytest.skip("no committed results.json")
+    results = json.loads((folder / "results.json").read_text())
+    assert results_markdown(results, cfg) == (folder / "RESULTS.md").read_text()
+
+
 def test_the_teacher_with_the_best_dev_objective_is_chosen_once_every_candidate_has_run(tmp_path):
     from optical_ray.experiment import choose_teacher
 
