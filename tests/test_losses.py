@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
 from torch.nn import functional as F
 
 from optical_ray.encoder import EncoderOutput
@@ -76,8 +75,10 @@ def test_objective_sums_weighted_parts_and_skips_zero_weights():
         ContrastiveLoss(temperature=0)
 
 
-def _gathered_worker(rank, world, port, queries, keys, tau, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _gathered_worker(rank, world, store_path, queries, keys, tau, out_path):
+    # A file store, not tcp://: with TCP, rank 0 hosts the store and its exit could pull it from under
+    # rank 1 mid-teardown (CI saw rank 1 abort with "terminate called without an active exception").
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
     q = queries.clone().requires_grad_(True)
     k = keys.clone().requires_grad_(True)
     n = len(q) // world
@@ -101,7 +102,8 @@ def test_gathered_contrastive_loss_with_two_workers_equals_the_union_batch(tmp_p
     keys = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
     tau = 0.1
     out = tmp_path / "two_workers.npz"
-    mp.spawn(_gathered_worker, args=(2, free_port(), queries, keys, tau, str(out)), nprocs=2, join=True)
+    store = tmp_path / "gloo-store"
+    mp.spawn(_gathered_worker, args=(2, str(store), queries, keys, tau, str(out)), nprocs=2, join=True)
     result = np.load(out)
 
     q, k = queries.clone().requires_grad_(True), keys.clone().requires_grad_(True)
