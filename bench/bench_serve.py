@@ -49,11 +49,11 @@ def test_queries() -> list[str]:
     return captions.filter(pc.not_equal(captions["lang"], "en"))["text"].to_pylist()
 
 
-async def load(url: str, body, clients: int, seconds: float, queries: list[str]) -> dict:
+async def load(url: str, body, clients: int, seconds: float, queries: list[str], headers: dict | None = None) -> dict:
     """``clients`` concurrent loops, each posting one query per request: QPS, p50, p99."""
     latencies: list[float] = []
     stop = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=60, headers=headers) as client:
         async def worker(i: int):
             n = i
             while time.perf_counter() < stop:

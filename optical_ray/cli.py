@@ -180,6 +180,21 @@ def _drop_blank_option(p: argparse.ArgumentParser) -> None:
                         "naming the file and row)")
 
 
+def cmd_keys_add(args: argparse.Namespace) -> None:
+    from .service.auth import add_key
+
+    key = add_key(args.file, args.name, args.requests_per_s, args.burst, args.replace)
+    print(f"key for {args.name!r} (shown once; only its SHA-256 is in {args.file}):", file=sys.stderr)
+    print(key)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> None:
+    from .service.auth import revoke_key
+
+    revoke_key(args.file, args.name)
+    print(f"revoked {args.name!r} in {args.file}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optical-ray",
@@ -294,6 +309,22 @@ def build_parser() -> argparse.ArgumentParser:
     _drop_blank_option(p)
     p.set_defaults(func=cmd_build)
 
+    keys = sub.add_parser("keys", help="the service's per-client API keys (a file of SHA-256 digests)").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    p = keys.add_parser("add", help="make a key for a client, store its digest, print the key once",
+                        description="The service re-reads the file within a second: no restart. Mount the file "
+                                    "(a Kubernetes Secret) and name it in the app args: auth: keys, api_keys_file: PATH.")
+    p.add_argument("name", help="the client's name (in access logs and metrics)")
+    p.add_argument("--file", required=True, help="the key file (created when missing)")
+    p.add_argument("--requests-per-s", type=float, help="this client's rate limit (default: the app's rate_limit)")
+    p.add_argument("--burst", type=int, help="requests this client may make at once before the rate applies")
+    p.add_argument("--replace", action="store_true", help="rotate: a new key for an existing client (the old one stops working)")
+    p.set_defaults(func=cmd_keys_add)
+    p = keys.add_parser("revoke", help="remove a client's key (refused within a second, no restart)")
+    p.add_argument("name")
+    p.add_argument("--file", required=True)
+    p.set_defaults(func=cmd_keys_revoke)
+
     p = sub.add_parser("demo", help="the embedded demo: evaluate, distil briefly, evaluate again",
                        description="Runs on the bundled sample data and shipped models; needs nothing else.")
     p.add_argument("--out", default="runs/demo", help="output folder")
@@ -312,14 +343,16 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .e5s1 import E5S1FormatError
     from .index import IndexFormatError
+    from .service.auth import KeyFileError
     from .storage import StorageError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, FileNotFoundError) as err:
+    except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, KeyFileError,
+            FileNotFoundError) as err:
         if args.verbose:
             logging.getLogger("optical_ray").exception("where it failed:")
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None), getattr(args, "keys_command", None))))
         print(f"optical-ray {command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -97,8 +97,10 @@ def save_index(index: faiss.Index, metadata: pa.Table, manifest: dict, out_uri: 
     blobs[METADATA_FILE] = buffer.getvalue()
     digests = {name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()}
     version = f"v{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{digests[INDEX_FILE][:8]}"
+    # What a serving replica holds: the index, the metadata columns and a Python object per id and text.
+    replica_memory = len(blobs[INDEX_FILE]) + metadata.nbytes + 200 * metadata.num_rows
     manifest = {**manifest, "version": version, "count": int(index.ntotal), "dim": int(index.d),
-                "normalized": "l2", "metric": "inner_product", "sha256": digests}
+                "normalized": "l2", "metric": "inner_product", "sha256": digests, "replica_memory_bytes": replica_memory}
     folder = storage.join(out_uri, version)
     for name, blob in blobs.items():
         storage.write_bytes(blob, storage.join(folder, name))

@@ -100,13 +100,16 @@ class OnnxEncoder:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(export(model, backend)), options, providers=["CPUExecutionProvider"])
 
+    def tokenize(self, texts: list[str], prompt: str | None = None) -> dict:
+        return self.tokenizer_side.tokenize(texts, prompt)
+
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
                progress: str | None = None) -> np.ndarray:
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, unit="batch"):
             idx = order[start : start + batch_size]
-            batch = self.tokenizer_side.tokenize([texts[i] for i in idx], prompt)
+            batch = self.tokenize([texts[i] for i in idx], prompt)
             mask = batch["attention_mask"].numpy()
             states = self.session.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": mask})[0]
             weights = mask[..., None].astype(np.float32)

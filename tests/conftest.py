@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The serving tests' API key reaches the replicas the way a deployment's should: through the
-# environment of the Ray processes, not a runtime_env (which Ray logs).
-TEST_API_KEY_ENV, TEST_API_KEY = "OPTICAL_RAY_TEST_API_KEY", "test-key-7d1f0c"
+# The serving tests' client key: the secure app holds only its SHA-256, in a key file (never in a
+# runtime_env, which Ray logs).
+TEST_API_KEY = "test-key-7d1f0c"
 SHARED_DATA = Path(os.environ.get("OPTICAL_RAY_SHARED_DATA", REPO.parent / "shared" / "data" / "flickr30k-ml"))
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,13 +141,12 @@ def ray_cluster(s3, tmp_path_factory):
     temp_dir = tmp_path_factory.mktemp("ray")
     log_path = temp_dir / "ray-start.log"
     with open(log_path, "w") as log:
-        env = dict(os.environ, **{TEST_API_KEY_ENV: TEST_API_KEY})
         head = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
              f"--object-store-memory={512 * 1024 ** 2}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
              f"--metrics-export-port={metrics_port}", f"--dashboard-agent-listen-port={agent_port}"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
 
     def dashboard_up() -> bool:
