@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import tempfile
@@ -106,6 +107,34 @@ def check(cfg: SweepConfig) -> None:
         raise ConfigError(f"objective {cfg.objective} needs a low-resource language among distill.data.dev_languages")
 
 
+SWEEP_RECORD = "optical-ray-sweep.json"
+
+
+def sweep_terms(cfg: SweepConfig) -> dict:
+    """What a resumed sweep must share with the one it continues: the searcher's space, the budget
+    and the objective (flattened to dotted keys). Resources and retries may change."""
+    terms = {f"search.{knob}": span for knob, span in to_dict(cfg.search).items()}
+    terms.update(objective=cfg.objective, scheduler=cfg.scheduler, grace_period=cfg.grace_period,
+                 reduction_factor=cfg.reduction_factor, num_samples=cfg.num_samples, seed=cfg.seed)
+    terms.update({"distill.steps": cfg.distill.steps, "distill.eval_every": cfg.distill.eval_every})
+    return terms
+
+
+def refuse_changed_sweep(cfg: SweepConfig) -> None:
+    """Before a resume: a sweep started with other terms cannot be continued (Tune would go on with
+    the old space and budget, silently); refuse, naming each changed key."""
+    record = storage.join(cfg.storage_path, cfg.name, SWEEP_RECORD)
+    if not storage.exists(record):
+        return  # a sweep from before these records: nothing to compare
+    started = json.loads(storage.read_bytes(record))
+    now = json.loads(json.dumps(sweep_terms(cfg)))  # the same types as read back
+    changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"tune --resume: the sweep at {storage.join(cfg.storage_path, cfg.name)} was started with other "
+                          "terms: " + ", ".join(f"{k} {started.get(k)!r} -> {now.get(k)!r}" for k in changed)
+                          + "; put them back, or start a new sweep under another name")
+
+
 def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> tune.Tuner:
     check(cfg)
     filesystem, path = storage.resolve(cfg.storage_path)
@@ -114,8 +143,11 @@ def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> 
     trainable = tune.with_resources(run_trial, resources)
     experiment = storage.join(path, cfg.name)  # inside `filesystem`: no s3:// scheme
     if resume and tune.Tuner.can_restore(experiment, storage_filesystem=filesystem):
+        refuse_changed_sweep(cfg)
         log.info("resuming the sweep at %s: finished trials are kept", storage.join(cfg.storage_path, cfg.name))
         return tune.Tuner.restore(experiment, trainable, storage_filesystem=filesystem, resume_errored=True)
+    storage.write_bytes(json.dumps(sweep_terms(cfg), indent=1).encode(),
+                        storage.join(cfg.storage_path, cfg.name, SWEEP_RECORD))
     if cfg.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.distill.steps,
                                   grace_period=cfg.grace_period * cfg.distill.eval_every,

@@ -67,6 +67,14 @@ def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster
     assert trial_results(s3, bucket) == before and again.trials.num_rows == 6
     assert json.dumps(sorted(again.trials.column("objective").to_pylist())) == json.dumps(sorted(t["objective"] for t in trials))
 
+    # Resuming with another search space or budget would go on with the old one: refused, naming them.
+    changed = cfg.model_copy(update={"num_samples": cfg.num_samples + 1,
+                                     "search": cfg.search.model_copy(update={"temperature": [0.02, 0.3]})})
+    with pytest.raises(ConfigError, match=rf"started with other terms: num_samples {cfg.num_samples} -> "
+                                          rf"{cfg.num_samples + 1}, search.temperature .* -> \[0.02, 0.3\]"):
+        run_sweep(changed, resume=True)
+    assert trial_results(s3, bucket) == before
+
 
 def test_sweep_config_errors_name_the_key(tiny_model_dir):
     with pytest.raises(ConfigError, match="objective = 'best': input should be 'low_r1', 'mean_r1' or 'neg_gap'"):
