@@ -5,7 +5,7 @@ per-request work of keys, rate limits, request ids and the access log costs). Ru
 
 Both apps run at once on one local Ray (started by this process, gone with it), deployed with
 `serve deploy` from one config: ``base`` imports the other commit's ``optical_ray`` (a ``git worktree``, shipped to its
-replicas as the application's runtime_env ``py_modules``), ``head`` this tree's. Each has
+replicas as the application's runtime_env ``working_dir``, a ``local://`` folder), ``head`` this tree's. Each has
 serve/config.yaml's deployments with one replica each, the shipped student and a Flat index of
 test_2018's 1,071 English captions, and its key checked on every request: ``base`` its one
 environment key, ``head`` a per-client key file with a rate limit (never reached here) and the JSON
@@ -72,6 +72,8 @@ def main() -> None:
         from optical_ray.corpus_index import build_corpus_index
         from optical_ray.service.auth import digest
 
+        # Before the index build (Ray Data would start a Ray without a dashboard for `serve deploy`).
+        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         index = str(work / "index")
         build_corpus_index("student-init", [str(SAMPLE_DIR / "test_2018_captions.parquet")], index, "Flat")
         keys = work / "keys.yaml"
@@ -79,15 +81,20 @@ def main() -> None:
         config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": PORT},
                   "logging_config": {"enable_access_log": False},
                   "applications": [
-                      app_spec("base", index, {"py_modules": [str(base_tree / "optical_ray")]}, {"auth": "api_key"}),
+                      app_spec("base", index, {"working_dir": f"local://{base_tree}"}, {"auth": "api_key"}),
                       app_spec("head", index, None, {"auth": "keys", "api_keys_file": str(keys),
                                                      "rate_limit": {"requests_per_s": 100000, "burst": 100000}})]}
         (work / "serve.yaml").write_text(yaml.safe_dump(config))
-        context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         subprocess.run([str(BIN / "serve"), "deploy", str(work / "serve.yaml"), "--address",
                         f"http://{context.dashboard_url}"], check=True)
         deadline = time.time() + 600
-        while not all(httpx.get(f"http://127.0.0.1:{PORT}/{app}/healthz").status_code == 200 for app in ("base", "head")):
+        def up(app: str) -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{PORT}/{app}/healthz", timeout=30)  # the base has no /readyz.status_code == 200
+            except httpx.HTTPError:  # the proxy or the app still starting
+                return False
+
+        while not all(up(app) for app in ("base", "head")):
             if time.time() > deadline:
                 raise RuntimeError("the two apps did not come up in 10 minutes")
             time.sleep(3)
