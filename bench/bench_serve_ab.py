@@ -89,8 +89,11 @@ def main() -> None:
                         f"http://{context.dashboard_url}"], check=True)
         deadline = time.time() + 600
         def up(app: str) -> bool:
+            # A real search, not a health route: the ingress answers those before the encoder and
+            # the index are loaded.
             try:
-                return httpx.get(f"http://127.0.0.1:{PORT}/{app}/healthz", timeout=30)  # the base has no /readyz.status_code == 200
+                return httpx.post(f"http://127.0.0.1:{PORT}/{app}/search", json={"queries": ["a dog"], "k": 1},
+                                  headers={"Authorization": f"Bearer {KEY}"}, timeout=30).status_code == 200
             except httpx.HTTPError:  # the proxy or the app still starting
                 return False
 

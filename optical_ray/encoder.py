@@ -72,6 +72,10 @@ class Encoder(nn.Module):
         return self.model.config.hidden_size
 
     @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -111,21 +115,19 @@ class Encoder(nn.Module):
         )
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
-               progress: str | None = None) -> np.ndarray:
-        """Sentence embeddings as float32 numpy, [len(texts), dim]. Texts are sorted by length so
-        batches carry little padding; the output keeps the input order."""
+    def embed_tokens(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """Sentence embeddings of a batch :meth:`tokenize` made, as float32 numpy [B, dim]."""
         was_training = self.training
         self.eval()
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc=progress, disable=progress is None, unit="batch"):
-            idx = order[start : start + batch_size]
-            emb = self(self.tokenize([texts[i] for i in idx], prompt)).embedding
-            out[idx] = emb.float().cpu().numpy()
-        self.train(was_training)
-        return out
+        try:
+            return self(batch).embedding.float().cpu().numpy()
+        finally:
+            self.train(was_training)
+
+    def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
+               progress: str | None = None) -> np.ndarray:
+        """Sentence embeddings as float32 numpy, [len(texts), dim]."""
+        return encode_in_batches(self, texts, prompt, batch_size, progress)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
         """Load the transformer weights a saved folder holds (strictly: every weight present, none else),
@@ -145,3 +147,15 @@ class Encoder(nn.Module):
     def save(self, path: str | os.PathLike) -> Path:
         """Write a sentence-transformers folder that states this encoder's prompts and length."""
         return st_folder.write(path, self.model, self.tokenizer, st_folder.FolderSettings(self.prompts, self.max_length))
+
+
+def encode_in_batches(encoder, texts: list[str], prompt: str | None, batch_size: int, progress: str | None) -> np.ndarray:
+    """``encoder.embed_tokens(encoder.tokenize(...))`` over ``texts`` in batches, as float32 numpy
+    [len(texts), encoder.dim]. Texts are sorted by length so batches carry little padding; the output
+    keeps the input order. Any encoder with ``tokenize``, ``embed_tokens`` and ``dim`` (torch, ONNX)."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), encoder.dim), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, unit="batch"):
+        idx = order[start : start + batch_size]
+        out[idx] = encoder.embed_tokens(encoder.tokenize([texts[i] for i in idx], prompt))
+    return out

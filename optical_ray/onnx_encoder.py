@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .encoder import Encoder
+from .encoder import Encoder, encode_in_batches
 from .model_store import cache_dir, resolve_model
 
 log = logging.getLogger(__name__)
@@ -103,19 +102,17 @@ class OnnxEncoder:
     def tokenize(self, texts: list[str], prompt: str | None = None) -> dict:
         return self.tokenizer_side.tokenize(texts, prompt)
 
+    def embed_tokens(self, batch: dict) -> np.ndarray:
+        """Sentence embeddings of a tokenised batch: :meth:`optical_ray.encoder.Encoder.embed_tokens`."""
+        mask = batch["attention_mask"].numpy()
+        states = self.session.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": mask})[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (states * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
                progress: str | None = None) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in tqdm(range(0, len(texts), batch_size), desc=progress, disable=progress is None, unit="batch"):
-            idx = order[start : start + batch_size]
-            batch = self.tokenize([texts[i] for i in idx], prompt)
-            mask = batch["attention_mask"].numpy()
-            states = self.session.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": mask})[0]
-            weights = mask[..., None].astype(np.float32)
-            pooled = (states * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
-            out[idx] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-        return out
+        return encode_in_batches(self, texts, prompt, batch_size, progress)
 
 
 def load_query_encoder(model: str, backend: str = "torch", max_length: int | None = None):

@@ -303,6 +303,9 @@ def test_openapi_states_what_the_server_enforces(service):
     assert (queries["minItems"], queries["maxItems"]) == (1, 64)
     assert queries["items"] == {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": "\\S"}
     assert request["additionalProperties"] is False
+    for path in ("/v1/embeddings", "/embeddings"):  # OpenAI's routes answer 400 for invalid input, never 422
+        assert "400" in schema["paths"][path]["post"]["responses"]
+        assert "422" not in schema["paths"][path]["post"]["responses"]
 
 
 def fuzz_cases(rng: np.random.Generator, n: int) -> list[tuple[dict, bool]]:

@@ -106,19 +106,18 @@ class QueryEncoder:
         self.embed.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def embed(self, queries: list[str]) -> list[np.ndarray]:
+    async def embed(self, queries: list[str]) -> list[tuple[np.ndarray, int]]:
+        """Each query's embedding and the number of tokens the encoder read for it (prompt and
+        special tokens included: OpenAI's ``usage``), from one tokenising and one forward pass."""
         started = time.perf_counter()
-        vectors = list(self.encoder.encode(queries, "query", batch_size=len(queries)))
+        batch = self.encoder.tokenize(queries, "query")
+        vectors = self.encoder.embed_tokens(batch)
         self.encode_ms.observe(1000 * (time.perf_counter() - started))
         self.batch_size.observe(len(queries))
-        return vectors
+        return list(zip(vectors, batch["attention_mask"].sum(1).tolist()))
 
-    async def __call__(self, query: str) -> np.ndarray:
+    async def __call__(self, query: str) -> tuple[np.ndarray, int]:
         return await self.embed(query)
-
-    def count_tokens(self, queries: list[str]) -> int:
-        """Tokens the encoder reads for ``queries`` (prompt and special tokens included): OpenAI's ``usage``."""
-        return int(self.encoder.tokenize(queries, "query")["attention_mask"].sum())
 
     def dimension(self) -> int:
         return int(self.encoder.dim)
@@ -236,6 +235,17 @@ class Retriever:
 app = FastAPI(title="optical-ray search",
               description="Cross-lingual caption retrieval with a distilled multilingual encoder and FAISS.")
 
+
+def openapi_schema() -> dict:
+    """FastAPI's schema, less the 422 it lists on every route with a body: the OpenAI routes answer 400."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        for path in OPENAI_PATHS:
+            schema["paths"].get(path, {}).get("post", {}).get("responses", {}).pop("422", None)
+    return app.openapi_schema
+
+
+app.openapi = openapi_schema
 
 OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}
 
@@ -391,7 +401,7 @@ class SearchAPI:
     @app.post("/search", response_model=SearchResponse, responses=ERRORS)
     async def search(self, request: SearchRequest):
         async def answer() -> dict:
-            vectors = await self.embed(request.queries)
+            vectors = [vector for vector, _ in await self.embed(request.queries)]
             return await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
 
         return await self.guarded(answer, len(request.queries))
@@ -413,14 +423,15 @@ class SearchAPI:
             return vector.tolist()
 
         async def answer() -> dict:
-            vectors, tokens = await asyncio.gather(
-                self.embed(texts), retry_once(lambda: self.encoder.count_tokens.remote(texts)))
+            embedded = await self.embed(texts)
+            tokens = sum(n for _, n in embedded)
             return {"object": "list", "model": self.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                    "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]}
+                    "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, (v, _) in enumerate(embedded)]}
 
         return await self.guarded(answer, len(texts), openai=True)
 
-    async def embed(self, texts: list[str]) -> list[np.ndarray]:
+    async def embed(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        """Each text's embedding and token count."""
         # One call per text: the encoder's @serve.batch gathers them with other requests' texts.
         return await asyncio.gather(*(retry_once(lambda t=t: self.encoder.remote(t)) for t in texts))
 
