@@ -110,11 +110,15 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    from .config import TrainingConfig
     from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
+    from .pretokenized import tokenize_for
 
     pairs, report = bitext_pairs(read_captions(args.captions, args.drop_blank), args.languages,
                                  image_ids(args.exclude_images_from or [], args.drop_blank))
-    shards = write_bitext_shards(pairs, args.out, args.rows_per_shard)
+    max_length = args.max_length or TrainingConfig.model_fields["max_length"].default
+    pairs, tokens = tokenize_for(pairs, args.tokenize_for or [], max_length, progress=True)
+    shards = write_bitext_shards(pairs, args.out, args.rows_per_shard, tokens)
     print(report.summary())
     print(f"wrote {pairs.num_rows} pairs in {len(shards)} shard(s) under {args.out}")
 
@@ -292,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude-images-from", action="append", help="evaluation tables whose images stay out (repeatable)")
     p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
     p.add_argument("--rows-per-shard", type=int, default=50_000)
+    p.add_argument("--tokenize-for", action="append", metavar="MODEL",
+                   help="also store the tokens MODEL reads for each side (repeatable: the student and the teacher), "
+                        "so training pads them instead of tokenising on the trainer")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per sentence for --tokenize-for: the training config's max_length (default: its default)")
     _drop_blank_option(p)
     p.set_defaults(func=cmd_prepare)
 

@@ -179,10 +179,12 @@ def caption_pairs(captions: pa.Table, lang: str = "en", exclude_images: set[str]
 PREPARED_MARKER = "_SUCCESS.json"
 
 
-def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_000) -> list[str]:
+def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_000,
+                        tokens: dict[str, dict] | None = None) -> list[str]:
     """Write bitext pairs as ``part-NNNNN.parquet`` shards under a folder URI (local or s3://).
 
-    ``_SUCCESS.json`` (the parts, rows per language) is removed first and written last: a folder
+    ``_SUCCESS.json`` (the parts, rows per language, and what each token column of ``tokens`` holds:
+    :mod:`optical_ray.pretokenized`) is removed first and written last: a folder
     without it holds an unfinished preparation and is refused, and parts it does not list -- left
     there by an earlier, larger preparation -- are never read."""
     storage.delete(storage.join(out_uri, PREPARED_MARKER))
@@ -193,7 +195,7 @@ def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_
         paths.append(path)
     langs, counts = np.unique(pairs["lang"].to_numpy(zero_copy_only=False), return_counts=True)
     marker = {"parts": [p.rsplit("/", 1)[-1] for p in paths], "rows": pairs.num_rows,
-              "pairs_per_language": {str(lang): int(n) for lang, n in zip(langs, counts)}}
+              "pairs_per_language": {str(lang): int(n) for lang, n in zip(langs, counts)}, "tokens": tokens or {}}
     storage.write_bytes((json.dumps(marker, indent=1) + "\n").encode(), storage.join(out_uri, PREPARED_MARKER))
     return paths
 
@@ -218,32 +220,76 @@ def check_bitext_shards(uri: str) -> list[str]:
     return files
 
 
+def prepared_tokens(uri: str) -> dict[str, dict]:
+    """What the token columns of a finished preparation hold, by ids column (empty: none were added)."""
+    return json.loads(storage.read_bytes(storage.join(uri, PREPARED_MARKER))).get("tokens", {})
+
+
 def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
-            columns: tuple[str, str] = ("english", "translation")) -> Iterator[tuple[list[str], list[str]]]:
-    """Endless training batches of the two ``columns`` (bitext: english, translation), a pure function
-    of ``(seed, step)``.
+            columns: tuple[str, ...] = ("english", "translation"), length_buckets: int = 0) -> Iterator[tuple[list, ...]]:
+    """Endless training batches of ``columns`` (bitext: english, translation, and any token columns
+    :mod:`optical_ray.pretokenized` added), one list per column, a pure function of ``(seed, step)``.
 
     Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step takes the next
     ``batch_size`` pairs of it (the epoch's remainder is dropped). Starting at ``start_step`` yields
     exactly what a run from step 0 would have reached -- resuming replays no pair and skips none -- and
     with ``world`` data-parallel workers, worker ``rank`` gets its slice of the same global batch, so
-    one worker and four consume the same pairs in the same order."""
+    one worker and four consume the same pairs in the same order. ``length_buckets``: see
+    :func:`bucket_by_length`."""
     if pairs.num_rows < batch_size:
         raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
-    english = pairs[columns[0]].to_pylist()
-    translation = pairs[columns[1]].to_pylist()
-    per_epoch, local = len(english) // batch_size, batch_size // world
+    values = [column_values(pairs[c]) for c in columns]
+    lengths = pair_lengths(pairs, columns) if length_buckets else None
+    per_epoch, local = pairs.num_rows // batch_size, batch_size // world
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(len(english))
+        order = np.random.default_rng([seed, epoch]).permutation(pairs.num_rows)
+        if length_buckets:
+            order = bucket_by_length(order, lengths, batch_size, length_buckets, [seed, epoch])
         for i in range(offset, per_epoch):
             first = i * batch_size + rank * local
             idx = order[first : first + local]
-            yield [english[j] for j in idx], [translation[j] for j in idx]
+            yield tuple(take(column, idx) for column in values)
             step += 1
+
+
+def column_values(column: pa.ChunkedArray) -> list | pa.Array:
+    """A column as batches hand it out: text as a Python list, token lists (:mod:`optical_ray.pretokenized`)
+    as one Arrow array, which stays compact in memory and is padded without a Python loop."""
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        return column.combine_chunks()
+    return column.to_pylist()
+
+
+def take(values: list | pa.Array, idx: np.ndarray) -> list | pa.Array:
+    return values.take(pa.array(idx)) if isinstance(values, pa.Array) else [values[j] for j in idx]
+
+
+def pair_lengths(pairs: pa.Table, columns: tuple[str, ...]) -> np.ndarray:
+    """Characters per row over the first two (text) ``columns``: what bucketing sorts by."""
+    return sum(pc.utf8_length(pairs[c]).to_numpy(zero_copy_only=False) for c in columns[:2])
+
+
+def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, window: int, seed: list[int]) -> np.ndarray:
+    """``order`` with pairs of similar length in the same batch: each run of ``window`` batches is
+    sorted by length, cut into batches, and those batches are shuffled (from ``seed`` and the window's
+    number). A permutation of ``order``, so an epoch still sees each pair once, and a function of its
+    arguments, so resuming stays exact. A batch of short pairs pads to a short length: on a GPU the
+    tokens padded away are work saved."""
+    out = order.copy()
+    span = window * batch_size
+    for w, start in enumerate(range(0, len(order), span)):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        full = len(chunk) // batch_size * batch_size  # a short last window keeps its tail in place
+        blocks = chunk[:full].reshape(-1, batch_size)
+        blocks = blocks[np.random.default_rng([*seed, w]).permutation(len(blocks))]
+        out[start : start + full] = blocks.reshape(-1)
+        out[start + full : start + len(chunk)] = chunk[full:]
+    return out
 
 
 # Prepared bitext larger than this on disk is streamed a shard at a time instead of held in memory.
@@ -251,14 +297,16 @@ STREAM_ABOVE_BYTES = 2 * 1024**3
 
 
 def stream_batches(files: list[str], rows: list[int], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                   world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+                   world: int = 1, columns: tuple[str, ...] = ("english", "translation"), length_buckets: int = 0
+                   ) -> Iterator[tuple[list, ...]]:
     """:func:`batches` for bitext shards too large to hold: a pure function of ``(seed, step)`` too, with
     one shard in memory at a time.
 
     Each epoch visits the shards in an order drawn from ``(seed, epoch)`` and each shard's rows in an
-    order drawn from ``(seed, epoch, shard)``; steps take consecutive ``batch_size`` rows of that sequence
-    (the epoch's remainder is dropped). ``rows`` are the shards' row counts, so ``start_step`` skips
-    straight to its shard without reading the ones before it: resuming replays no pair and skips none."""
+    order drawn from ``(seed, epoch, shard)`` (bucketed by length within the shard when
+    ``length_buckets``); steps take consecutive ``batch_size`` rows of that sequence (the epoch's
+    remainder is dropped). ``rows`` are the shards' row counts, so ``start_step`` skips straight to its
+    shard without reading the ones before it: resuming replays no pair and skips none."""
     total, local = sum(rows), batch_size // max(world, 1)
     if total < batch_size:
         raise ValueError(f"{total} bitext pairs cannot fill one batch of {batch_size}")
@@ -268,28 +316,46 @@ def stream_batches(files: list[str], rows: list[int], batch_size: int, seed: int
     step = start_step
     while True:
         epoch, offset = divmod(step, per_epoch)
-        skip, position, english, translation = offset * batch_size, 0, [], []
+        skip, position, pieces, filled = offset * batch_size, 0, [], 0
         for shard in np.random.default_rng([seed, epoch]).permutation(len(files)):
             n = rows[shard]
             if position + n <= skip:
                 position += n
                 continue
-            table = storage.read_parquet(files[shard])
-            order = np.random.default_rng([seed, epoch, int(shard)]).permutation(n)[max(0, skip - position):]
+            table = storage.read_parquet(files[shard], columns=list(columns))
+            order = np.random.default_rng([seed, epoch, int(shard)]).permutation(n)
+            if length_buckets:
+                order = bucket_by_length(order, pair_lengths(table, columns), batch_size, length_buckets,
+                                         [seed, epoch, int(shard)])
+            order = order[max(0, skip - position):]
             position += n
-            shard_english, shard_translation = table["english"].to_pylist(), table["translation"].to_pylist()
-            for j in order:
-                english.append(shard_english[j])
-                translation.append(shard_translation[j])
-                if len(english) == batch_size:
-                    first = rank * local
-                    yield english[first : first + local], translation[first : first + local]
-                    english, translation = [], []
+            values = [column_values(table[c]) for c in columns]
+            while len(order):
+                piece, order = order[: batch_size - filled], order[batch_size - filled:]
+                pieces.append((values, piece))
+                filled += len(piece)
+                if filled == batch_size:
+                    yield tuple(gather(pieces, k, rank * local, (rank + 1) * local) for k in range(len(columns)))
+                    pieces, filled = [], 0
                     step += 1
                     if step % per_epoch == 0:  # the epoch's last batch: its remainder is dropped
                         break
             if step // per_epoch != epoch:
                 break
+
+
+def gather(pieces: list[tuple[list, np.ndarray]], k: int, lo: int, hi: int) -> list | pa.Array:
+    """Positions ``lo:hi`` of column ``k`` of a batch filled from several shards: ``pieces`` are each
+    shard's column values and the rows taken from it, in batch order."""
+    parts, start = [], 0
+    for values, idx in pieces:
+        inside = idx[max(lo - start, 0) : max(hi - start, 0)]
+        if len(inside):
+            parts.append(take(values[k], inside))
+        start += len(idx)
+    if parts and isinstance(parts[0], pa.Array):
+        return pa.concat_arrays(parts)
+    return [item for part in parts for item in part]
 
 
 def image_ids(uris: list[str], drop_blank: bool = False) -> set[str]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, data, storage
+from . import checkpoints, data, pretokenized, storage
 from .card import write_model_card
 from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
@@ -55,20 +55,21 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
     return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
 
 
-def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: int = 1
-                     ) -> Iterator[tuple[list[str], list[str]]]:
-    """This worker's batches from ``start_step`` on: prepared shards larger than
+def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: int = 1,
+                     columns: tuple[str, ...] = ("english", "translation")) -> Iterator[tuple[list, ...]]:
+    """This worker's batches of ``columns`` from ``start_step`` on: prepared shards larger than
     ``data.STREAM_ABOVE_BYTES`` are streamed a shard at a time, anything smaller is held in memory and
     shuffled whole. Either order is a function of (seed, step), so resuming is exact."""
+    order = {"batch_size": cfg.batch_size, "seed": cfg.seed, "start_step": start_step, "rank": rank, "world": world,
+             "columns": columns, "length_buckets": cfg.length_buckets}
     if cfg.data.bitext:
         files = data.check_bitext_shards(cfg.data.bitext)
         if sum(storage.size(f) for f in files) > data.STREAM_ABOVE_BYTES:
-            rows = [storage.parquet_rows(f) for f in files]
-            return data.stream_batches(files, rows, cfg.batch_size, cfg.seed, start_step, rank, world)
-        pairs = pa.concat_tables([storage.read_parquet(f) for f in files])  # checked once, just above
+            return data.stream_batches(files, [storage.parquet_rows(f) for f in files], **order)
+        pairs = pa.concat_tables([storage.read_parquet(f, columns=list(columns)) for f in files])  # checked just above
     else:
         pairs = load_bitext(cfg)
-    return data.batches(pairs, cfg.batch_size, cfg.seed, start_step, rank, world)
+    return data.batches(pairs, **order)
 
 
 def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:
@@ -115,15 +116,16 @@ class Learner:
                ) -> Learner:
         raise NotImplementedError
 
-    def prepare(self, first: list[str], second: list[str]) -> dict:
-        """The batch tokenised for :meth:`loss`. Runs ahead of the step in a background thread (the
-        Rust tokenizer releases the GIL), so on a GPU tokenising is off the critical path."""
+    def prepare(self, first: list[str], second: list[str], *columns) -> dict:
+        """The batch as the tensors :meth:`loss` takes. Runs ahead of the step in a background thread;
+        with pre-tokenised bitext (:mod:`optical_ray.pretokenized`) it only pads."""
         raise NotImplementedError
 
     def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list, ...]]:
+        """Endless batches from ``start_step``: two text columns, then whatever :meth:`prepare` also takes."""
         raise NotImplementedError
 
     def dev_captions(self) -> pa.Table:
@@ -169,23 +171,47 @@ class Distiller(Learner):
         self.teacher = teacher
         weights = LossWeights(cfg.loss.ot_weight, cfg.loss.contrastive_weight, cfg.loss.mse_weight)
         self.objective = DistillationObjective(weights, cfg.loss.sinkhorn_reg, cfg.loss.temperature, cfg.loss.sinkhorn_iters)
+        # What each forward pass reads, as (encoder, [(text column, prompt), ...]). Each side is encoded
+        # as retrieval will use it: translations are queries, English sentences are the corpus (E5's
+        # "passage:"); teaching translations to match English *queries* would pull them away from what
+        # the index holds. With the student's English too, both student sides share one batch: one
+        # forward pass, as DDP expects one forward per backward.
+        student_reads = [("translation", "query")]
+        if self.objective.needs_student_english:
+            student_reads.append(("english", "passage"))
+        self.reads = {"teacher": (teacher, [("english", "passage")]), "student": (student, student_reads)}
+        # The token columns of prepared bitext, per forward pass, when it was tokenised for its model.
+        prepared = data.prepared_tokens(cfg.data.bitext) if cfg.data.bitext else {}
+        self.token_columns: dict[str, list[str]] = {}
+        for name, (encoder, reads) in self.reads.items():
+            found = [pretokenized.find_columns(prepared, encoder, column, prompt) for column, prompt in reads] if prepared else [None]
+            if all(found):
+                self.token_columns[name] = [c for pair in found for c in pair]
 
     @classmethod
     def create(cls, cfg: DistillConfig, device: torch.device, wrap=None) -> Distiller:
         student, teacher = load_models(cfg, device)
         return cls(cfg, student, teacher, model=wrap(student) if wrap else None)
 
-    def prepare(self, english: list[str], translation: list[str]) -> dict:
-        # Each side is encoded as retrieval will use it: translations are queries, English
-        # sentences are the corpus (E5's "passage:"). Teaching translations to match English
-        # *queries* would pull them away from what the index holds.
-        if self.objective.needs_student_english:
-            # Both sides in one batch: one forward pass, as DDP expects one forward per backward.
-            prompts = ["query"] * len(translation) + ["passage"] * len(english)
-            student = self.student.tokenize(translation + english, prompts)
-        else:
-            student = self.student.tokenize(translation, "query")
-        return {"teacher": self.teacher.tokenize(english, "passage"), "student": student, "n": len(translation)}
+    def columns(self) -> tuple[str, ...]:
+        """The bitext columns a batch carries: the texts, and the token columns :meth:`prepare` pads."""
+        # A teacher that tokenises as the student does (e.g. a frozen copy of it) shares its columns.
+        return ("english", "translation", *dict.fromkeys(c for columns in self.token_columns.values() for c in columns))
+
+    def prepare(self, english: list[str], translation: list[str], *tokens: pa.Array) -> dict:
+        """The batch as tensors: the prepared token columns (``tokens``, in :meth:`columns` order)
+        padded where the bitext carries them for this model, else the texts tokenised here."""
+        texts, given = {"english": english, "translation": translation}, dict(zip(self.columns()[2:], tokens))
+
+        def inputs(name: str) -> dict:
+            encoder, reads = self.reads[name]
+            if name in self.token_columns:
+                arrays = [given[c] for c in self.token_columns[name]]
+                return pretokenized.collate(arrays[0::2], arrays[1::2], encoder.pad_id)
+            return encoder.tokenize([t for column, _ in reads for t in texts[column]],
+                                    [prompt for column, prompt in reads for _ in texts[column]])
+
+        return {"teacher": inputs("teacher"), "student": inputs("student"), "n": len(translation)}
 
     def loss(self, inputs: dict) -> tuple[torch.Tensor, dict[str, float]]:
         with torch.no_grad():
@@ -194,8 +220,8 @@ class Distiller(Learner):
         student_out, student_en = split_output(out, inputs["n"]) if self.objective.needs_student_english else (out, None)
         return self.objective(teacher_out, student_out, student_en)
 
-    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list[str], list[str]]]:
-        return training_batches(self.cfg, start_step, rank, world)
+    def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list, ...]]:
+        return training_batches(self.cfg, start_step, rank, world, self.columns())
 
     def dev_captions(self) -> pa.Table:
         return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)
@@ -285,9 +311,9 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
     bar = tqdm(total=cfg.steps, initial=first_step, desc=learner.name, unit="step", disable=not progress)
     with contextlib.closing(prefetched(learner.batches(learner.step_count, rank, world), learner.prepare)) as stream:
         while learner.step_count < cfg.steps:
-            (first, second), inputs = next(stream)
+            batch, inputs = next(stream)
             torch.manual_seed(checkpoints.step_seed(cfg.seed, learner.step_count, rank))
-            metrics = learner.step(first, second, inputs=inputs)
+            metrics = learner.step(batch[0], batch[1], inputs=inputs)
             step = learner.step_count
             metrics.update(step=step, pairs_per_s=(step - first_step) * cfg.batch_size / (time.perf_counter() - start))
             bar.update(1)
@@ -306,11 +332,11 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
     return student, report
 
 
-def prefetched(batches: Iterator[tuple[list[str], list[str]]], prepare: Callable[..., dict], depth: int = 2
-               ) -> Iterator[tuple[tuple[list[str], list[str]], dict]]:
+def prefetched(batches: Iterator[tuple[list, ...]], prepare: Callable[..., dict], depth: int = 2
+               ) -> Iterator[tuple[tuple[list, ...], dict]]:
     """``(batch, prepare(*batch))``, prepared ``depth`` batches ahead in one background thread. The
     batches are drawn in order on the caller's thread, so what is trained does not change."""
-    def job(batch: tuple[list[str], list[str]]) -> tuple[tuple[list[str], list[str]], dict]:
+    def job(batch: tuple[list, ...]) -> tuple[tuple[list, ...], dict]:
         return batch, prepare(*batch)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:

@@ -82,12 +82,13 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + f.path for f in found if f.type == pafs.FileType.File and f.path.endswith(suffix))
 
 
-def read_parquet(uri: str) -> pa.Table:
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file, or only its ``columns`` (the others are not read)."""
     fs, path = resolve(uri)
     if _info(fs, path, uri).type == pafs.FileType.NotFound:
         raise StorageError(_not_found(fs, path, uri))
     try:
-        return pq.read_table(path, filesystem=fs)
+        return pq.read_table(path, filesystem=fs, columns=columns)
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
 

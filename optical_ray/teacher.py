@@ -68,7 +68,7 @@ class CaptionRetrieval(Learner):
 
     def batches(self, start_step: int, rank: int = 0, world: int = 1):
         return data.batches(training_pairs(self.cfg), self.cfg.batch_size, self.cfg.seed, start_step, rank, world,
-                            columns=("query", "passage"))
+                            columns=("query", "passage"), length_buckets=self.cfg.length_buckets)
 
     def dev_captions(self) -> pa.Table:
         return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)
