@@ -31,6 +31,8 @@ from pydantic import (
     model_validator,
 )
 
+from . import languages
+
 SAMPLE_DIR = Path(__file__).parent / "sample_data"
 
 
@@ -74,6 +76,13 @@ def _check_local(value: str) -> str:
     return value
 
 
+def _check_tags(tags: list[str]) -> list[str]:
+    bad = languages.invalid(tags)
+    if bad:
+        raise ValueError(languages.describe(bad))
+    return tags
+
+
 def _check_range(bounds: list[float]) -> list[float]:
     if bounds and (len(bounds) != 2 or not 0 < bounds[0] <= bounds[1]):
         raise ValueError("must be [] or [low, high] with 0 < low <= high")
@@ -84,6 +93,8 @@ Uri = Annotated[str, AfterValidator(_check_uri)]  # a local path or s3://bucket/
 LocalPath = Annotated[str, AfterValidator(_check_local)]
 Uris = Annotated[list[Uri], BeforeValidator(_comma_separated)]
 Names = Annotated[list[str], BeforeValidator(_comma_separated)]
+# Language tags: any valid BCP-47 / ISO 639 tag (optical_ray.languages), e.g. sw, quy, zh-Hant.
+Languages = Annotated[list[str], BeforeValidator(_comma_separated), AfterValidator(_check_tags)]
 Range = Annotated[list[PositiveFloat], AfterValidator(_check_range)]
 
 
@@ -98,14 +109,14 @@ class DataConfig(Config):
     # `train`, `languages` and `exclude_images_from` were applied at preparation and are ignored.
     bitext: Uri | None = None
     # Languages paired with English for training.
-    languages: Names = Field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
+    languages: Languages = Field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
     # Images in these tables never enter training (keep every evaluation set here).
     exclude_images_from: Uris = Field(default_factory=lambda: _sample("val_captions.parquet", "test_2018_captions.parquet"))
     # Development set: caption tables and the query languages evaluated on it.
     dev: Uris = Field(default_factory=lambda: _sample("val_captions.parquet"))
-    dev_languages: Names = Field(default_factory=lambda: [*HIGH_RESOURCE, *LOW_RESOURCE])
-    high_resource: Names = Field(default_factory=lambda: list(HIGH_RESOURCE))
-    low_resource: Names = Field(default_factory=lambda: list(LOW_RESOURCE))
+    dev_languages: Languages = Field(default_factory=lambda: [*HIGH_RESOURCE, *LOW_RESOURCE])
+    high_resource: Languages = Field(default_factory=lambda: list(HIGH_RESOURCE))
+    low_resource: Languages = Field(default_factory=lambda: list(LOW_RESOURCE))
     # Blank captions are refused, naming the file and row; true drops them and logs how many per language.
     drop_blank: StrictBool = False
 
@@ -166,8 +177,8 @@ class TestSet(Config):
     protocol: Literal["translation", "semantic", "independent"] = "translation"
     data: Uris = Field(default_factory=lambda: _sample("test_2018_captions.parquet"))
     exclude_images_from: Uris = Field(default_factory=list)  # e.g. the dev split
-    query_langs: Names = Field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
-    groups: dict[str, list[str]] = Field(default_factory=lambda: {"high": list(HIGH_RESOURCE), "low": list(LOW_RESOURCE)})
+    query_langs: Languages = Field(default_factory=lambda: ["de", "fr", "es", "zh", "cs", "ar", "uk", "ay", "gn", "qu"])
+    groups: dict[str, Languages] = Field(default_factory=lambda: {"high": list(HIGH_RESOURCE), "low": list(LOW_RESOURCE)})
     gaps: dict[str, list[str]] = Field(default_factory=lambda: {"low": ["high", "low"]})
 
     @model_validator(mode="after")
@@ -498,7 +509,7 @@ class ExperimentConfig(Config):
     distill: DistillConfig = Field(default_factory=DistillConfig)  # data, steps shared by every arm
     arms: Names = Field(default_factory=lambda: ["none", "mse", "ot", "ot+contrastive", "contrastive", "mse+contrastive"])
     seeds: list[NonNegativeInt] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # data order and dropout
-    held_out_languages: Names = Field(default_factory=list)  # never trained on, never tuned on
+    held_out_languages: Languages = Field(default_factory=list)  # never trained on, never tuned on
     # The first is the baseline every arm runs with. With more candidates, an MSE run each chooses one on
     # dev; when that is not the baseline, every arm and seed runs again with it. "task-trained" is the
     # teacher `teacher_training` trains (optical-ray teacher) before the choice.

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import storage
+from . import languages, storage
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,6 @@ CAPTION_COLUMNS = {"image_id": pa.string(), "caption_idx": pa.int32(), "lang": p
 BITEXT_COLUMNS = {"image_id": pa.string(), "caption_idx": pa.int32(), "lang": pa.string(),
                   "english": pa.string(), "translation": pa.string()}
 
-# ISO 639-1 codes of the languages in the shared data (ay, gn and qu are 639-1 codes too).
-KNOWN_LANGUAGES = frozenset(
-    ["en", "de", "fr", "cs", "ar", "ay", "es", "gn", "qu", "uk", "zh", "nl", "bn", "id", "ja", "ko", "ru", "tr"]
-)
 # Sources whose non-English rows are independent descriptions of the image, not translations of
 # the English caption with the same index: they cannot be bitext.
 INDEPENDENT_SOURCES = ("multi30k-task2", "cltl-dutch-descriptions")
@@ -74,13 +70,11 @@ def validate_captions(table: pa.Table, name: str, drop_blank: bool = False) -> p
             raise DataError(f"{name}: row {_first(blank)}: field 'text' is empty (drop_blank: true drops such rows)")
         log.warning("%s: dropped %s", name, count_by_language(table.filter(blank)["lang"], "blank caption"))
         table = table.filter(pc.invert(blank))
-    unknown = pc.invert(pc.is_in(table["lang"], value_set=pa.array(sorted(KNOWN_LANGUAGES))))
-    if pc.any(unknown).as_py():
-        row = _first(unknown)
-        raise DataError(
-            f"{name}: row {row}: field 'lang' has unknown language code {table['lang'][row].as_py()!r} "
-            f"(known: {', '.join(sorted(KNOWN_LANGUAGES))})"
-        )
+    bad = languages.invalid(pc.unique(table["lang"]).to_pylist())
+    if bad:
+        tag, why = next(iter(bad.items()))
+        row = _first(pc.equal(table["lang"], tag))
+        raise DataError(f"{name}: row {row}: field 'lang': {tag!r} is {why}")
     return table
 
 
@@ -92,9 +86,11 @@ def count_by_language(langs, what: str) -> str:
 
 
 def check_languages(langs: list[str], what: str = "languages") -> list[str]:
-    unknown = [lang for lang in langs if lang not in KNOWN_LANGUAGES]
-    if unknown:
-        raise DataError(f"{what}: unknown language code(s) {', '.join(unknown)} (known: {', '.join(sorted(KNOWN_LANGUAGES))})")
+    """``langs`` if each is a valid language tag (:mod:`optical_ray.languages`), else a DataError naming
+    ``what`` and every bad tag."""
+    bad = languages.invalid(langs)
+    if bad:
+        raise DataError(f"{what}: {languages.describe(bad)}")
     return list(langs)
 
 

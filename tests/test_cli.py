@@ -35,7 +35,7 @@ def test_eval_writes_the_report_format_from_s3(s3, tiny_model_dir, tmp_path, cap
     (["eval", "--model", "no-such-model", "--data", "x.parquet", "--query-langs", "de", "--out", "o"],
      "no such file or folder"),
     (["eval", "--model", "student-init", "--data", str(SAMPLE_DIR / "val_captions.parquet"), "--query-langs", "xx",
-      "--out", "o"], "unknown language code(s) xx"),
+      "--out", "o"], "--query-langs: 'xx' is not a valid BCP-47"),
     (["distill", "--set", "stepz=3"], "unknown key stepz"),
 ])
 def test_errors_name_the_bad_input_and_exit_2(argv, message, capsys):

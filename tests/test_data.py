@@ -51,7 +51,7 @@ def test_bitext_for_a_language_with_no_pairs_is_an_error(tmp_path):
     table = data.read_captions(write(tmp_path, captions(ROWS)))
     with pytest.raises(DataError, match="no bitext pairs for language.*fr"):
         data.bitext_pairs(table, ["de", "fr"])
-    with pytest.raises(DataError, match="unknown language code.*xx"):
+    with pytest.raises(DataError, match="bitext languages: 'xx' is not a valid BCP-47"):
         data.bitext_pairs(table, ["xx"])
 
 
@@ -59,7 +59,9 @@ def test_bitext_for_a_language_with_no_pairs_is_an_error(tmp_path):
     (lambda t: t.drop_columns(["text"]), r"t.parquet: missing column 'text'"),
     (lambda t: t.set_column(1, "caption_idx", pa.array(["0"] * t.num_rows)), r"column 'caption_idx' has type string, expected an integer"),
     (lambda t: t.set_column(3, "text", pa.array([r[3] if i != 4 else "   " for i, r in enumerate(ROWS)])), r"t.parquet: row 4: field 'text' is empty"),
-    (lambda t: t.set_column(2, "lang", pa.array([r[2] if i != 2 else "xx" for i, r in enumerate(ROWS)])), r"row 2: field 'lang' has unknown language code 'xx'"),
+    (lambda t: t.set_column(2, "lang", pa.array([r[2] if i != 2 else "xx" for i, r in enumerate(ROWS)])), r"row 2: field 'lang': 'xx' is not a valid BCP-47"),
+    (lambda t: t.set_column(2, "lang", pa.array([r[2] if i != 5 else "zh_Hant" for i, r in enumerate(ROWS)])),
+     r"row 5: field 'lang': 'zh_Hant' is not a BCP-47 tag: subtags are separated by '-' \(did you mean 'zh-Hant'\?\)"),
     (lambda t: t.set_column(0, "image_id", pa.array([r[0] if i != 7 else None for i, r in enumerate(ROWS)], pa.string())), r"row 7: field 'image_id' is missing"),
 ])
 def test_bad_tables_name_file_row_and_field(tmp_path, mutate, message):
