@@ -111,16 +111,19 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from .config import TrainingConfig
-    from .data import bitext_pairs, image_ids, read_captions, write_bitext_shards
-    from .pretokenized import tokenize_for
+    from .prepare import TableOptions, prepare_bitext
 
-    pairs, report = bitext_pairs(read_captions(args.captions, args.drop_blank), args.languages,
-                                 image_ids(args.exclude_images_from or [], args.drop_blank))
-    max_length = args.max_length or TrainingConfig.model_fields["max_length"].default
-    pairs, tokens = tokenize_for(pairs, args.tokenize_for or [], max_length, progress=True)
-    shards = write_bitext_shards(pairs, args.out, args.rows_per_shard, tokens)
-    print(report.summary())
-    print(f"wrote {pairs.num_rows} pairs in {len(shards)} shard(s) under {args.out}")
+    prepared = prepare_bitext(
+        args.out, captions=args.captions or [], languages=args.languages or [], aligned=args.aligned or [],
+        tables=args.pairs or [], lang=args.lang, table_options=TableOptions(
+            args.english_field, args.translation_field, args.lang_field, not args.no_header, args.format),
+        exclude_images_from=args.exclude_images_from or [], exclude_texts_from=args.exclude_texts_from or [],
+        max_chars=args.max_chars, drop_blank=args.drop_blank, tokenize=args.tokenize_for or [],
+        max_length=args.max_length or TrainingConfig.model_fields["max_length"].default,
+        rows_per_shard=args.rows_per_shard, progress=True)
+    print(prepared.report.table())
+    print(prepared.report.summary())
+    print(f"wrote {prepared.rows} pairs in {len(prepared.shards)} shard(s) under {args.out}")
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -288,12 +291,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True, metavar="STEP")
-    p = data.add_parser("prepare", help="caption tables -> English<->L bitext shards (Parquet, local or s3://)",
-                        description="Join each caption in --languages to the English caption it translates, drop "
-                                    "the images of --exclude-images-from, and write part-NNNNN.parquet shards.")
-    p.add_argument("--captions", required=True, action="append", help="caption table file or folder (repeatable)")
-    p.add_argument("--languages", required=True, type=_csv, help="comma-separated, e.g. de,fr,ay,gn,qu")
-    p.add_argument("--exclude-images-from", action="append", help="evaluation tables whose images stay out (repeatable)")
+    p = data.add_parser(
+        "prepare", help="caption tables or parallel corpora -> English<->L bitext shards (Parquet, local or s3://)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read English<->L pairs from any mix of caption tables, line-aligned files and parallel tables, "
+                    "drop blank, over-long, duplicate and leaked pairs (either side occurs in an evaluation set), "
+                    "and write part-NNNNN.parquet shards with a per-language report of what was kept and dropped.",
+        epilog="examples:\n"
+               "  optical-ray data prepare --aligned corpus.en corpus.sw --out bitext/        # OPUS Moses files\n"
+               "  optical-ray data prepare --pairs pairs.tsv --lang sw --out bitext/          # TSV with header en, sw\n"
+               "  optical-ray data prepare --pairs opus.tsv --no-header --english-field 0 --translation-field 1 \\\n"
+               "      --lang sw --out bitext/\n"
+               "  optical-ray data prepare --pairs pairs.jsonl --lang-field lang --translation-field text_l --out bitext/\n"
+               "  optical-ray data prepare --captions train.parquet --languages de,ay --exclude-images-from test.parquet \\\n"
+               "      --out s3://bucket/bitext/")
+    p.add_argument("--captions", action="append", help="caption table file or folder (repeatable; needs --languages)")
+    p.add_argument("--languages", type=_csv, help="for --captions: comma-separated tags, e.g. de,fr,ay,gn,qu")
+    p.add_argument("--aligned", nargs=2, action="append", metavar=("ENGLISH_FILE", "OTHER_FILE"),
+                   help="line-aligned files (OPUS Moses format), one sentence per line; the language is OTHER_FILE's "
+                        "suffix when that is a tag (corpus.en-sw.sw -> sw), else --lang (repeatable)")
+    p.add_argument("--pairs", action="append", metavar="FILE",
+                   help="a parallel table: .tsv, .csv, .jsonl or .parquet, local or s3:// (repeatable)")
+    p.add_argument("--lang", help="language tag of every pair of --aligned and --pairs files (e.g. sw, quy, zh-Hant)")
+    p.add_argument("--lang-field", help="for --pairs: the column holding each pair's language, instead of --lang")
+    p.add_argument("--english-field", default="en", help="for --pairs: the English column (default en; a position "
+                                                          "such as 0 with --no-header)")
+    p.add_argument("--translation-field", help="for --pairs: the other column (default: the --lang tag)")
+    p.add_argument("--no-header", action="store_true", help="for --pairs: TSV/CSV without a header line")
+    p.add_argument("--format", choices=["tsv", "csv", "jsonl", "parquet"], help="for --pairs: instead of the file name's")
+    p.add_argument("--exclude-images-from", action="append",
+                   help="evaluation caption tables: their images and texts stay out of training (repeatable)")
+    p.add_argument("--exclude-texts-from", action="append", metavar="FILE",
+                   help="evaluation texts that must not be trained on: caption tables, BEIR .jsonl (text field) or "
+                        "one sentence per line (FLORES, Tatoeba) (repeatable)")
+    p.add_argument("--max-chars", type=int, default=1000, help="drop pairs with a side longer than this (default 1000)")
     p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
     p.add_argument("--rows-per-shard", type=int, default=50_000)
     p.add_argument("--tokenize-for", action="append", metavar="MODEL",

@@ -60,20 +60,20 @@ def validate_captions(table: pa.Table, name: str, drop_blank: bool = False) -> p
         if pa.types.is_string(kind) and not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
             raise DataError(f"{name}: column {column!r} has type {values.type}, expected a string")
         if values.null_count:
-            row = _first(pc.is_null(values))
+            row = first_row(pc.is_null(values))
             raise DataError(f"{name}: row {row}: field {column!r} is missing (null)")
         columns[column] = values.cast(kind)
     table = pa.table(columns)
     blank = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table["text"])), 0)
     if pc.any(blank).as_py():
         if not drop_blank:
-            raise DataError(f"{name}: row {_first(blank)}: field 'text' is empty (drop_blank: true drops such rows)")
+            raise DataError(f"{name}: row {first_row(blank)}: field 'text' is empty (drop_blank: true drops such rows)")
         log.warning("%s: dropped %s", name, count_by_language(table.filter(blank)["lang"], "blank caption"))
         table = table.filter(pc.invert(blank))
     bad = languages.invalid(pc.unique(table["lang"]).to_pylist())
     if bad:
         tag, why = next(iter(bad.items()))
-        row = _first(pc.equal(table["lang"], tag))
+        row = first_row(pc.equal(table["lang"], tag))
         raise DataError(f"{name}: row {row}: field 'lang': {tag!r} is {why}")
     return table
 
@@ -96,15 +96,45 @@ def check_languages(langs: list[str], what: str = "languages") -> list[str]:
 
 @dataclass
 class BitextReport:
-    """How many pairs were built per language and how many rows were dropped, for which reason."""
+    """How many pairs were kept per language and how many rows were dropped, for which reason.
+
+    ``dropped`` maps each language to a Counter of reasons; every row read is either kept or counted
+    there, so nothing is lost silently."""
 
     pairs: Counter = field(default_factory=Counter)
-    dropped: Counter = field(default_factory=Counter)
+    dropped: dict[str, Counter] = field(default_factory=dict)
+
+    def drop(self, langs: pa.Array | pa.ChunkedArray | list[str], reason: str) -> None:
+        """Count the rows of languages ``langs`` (one per dropped row) as dropped for ``reason``."""
+        for lang, n in Counter(langs.to_pylist() if hasattr(langs, "to_pylist") else langs).items():
+            self.dropped.setdefault(lang, Counter())[reason] += n
+
+    def keep(self, langs: pa.Array | pa.ChunkedArray) -> None:
+        self.pairs.update(Counter(langs.to_pylist()))
+
+    def reasons(self) -> Counter:
+        """Dropped rows by reason, over all languages."""
+        return sum(self.dropped.values(), Counter())
+
+    def merge(self, other: BitextReport) -> BitextReport:
+        for lang, reasons in other.dropped.items():
+            self.dropped.setdefault(lang, Counter()).update(reasons)
+        self.pairs.update(other.pairs)
+        return self
 
     def summary(self) -> str:
         kept = ", ".join(f"{lang} {n}" for lang, n in sorted(self.pairs.items()))
-        lost = "; ".join(f"{n} {why}" for why, n in self.dropped.most_common()) or "none"
+        lost = "; ".join(f"{n} {why}" for why, n in self.reasons().most_common()) or "none"
         return f"bitext pairs: {kept or 'none'}. Dropped rows: {lost}."
+
+    def table(self) -> str:
+        """Per language: pairs kept and rows dropped by reason (a Markdown table)."""
+        reasons = [why for why, _ in self.reasons().most_common()]
+        rows = ["| language | kept |" + "".join(f" {why} |" for why in reasons), "|" + " --- |" * (2 + len(reasons))]
+        for lang in sorted(set(self.pairs) | set(self.dropped)):
+            lost = self.dropped.get(lang, Counter())
+            rows.append(f"| {lang} | {self.pairs.get(lang, 0)} |" + "".join(f" {lost[why]} |" for why in reasons))
+        return "\n".join(rows)
 
 
 def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] | None = None
@@ -121,33 +151,36 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
 
     held_out = pc.is_in(captions["image_id"], value_set=exclude)
     english = captions.filter(pc.and_(pc.equal(captions["lang"], "en"), pc.invert(held_out)))
-    english = _unique_rows(english.select(["image_id", "caption_idx", "text"]), ["image_id", "caption_idx"])
+    english = unique_rows(english.select(["image_id", "caption_idx", "text"]), ["image_id", "caption_idx"])
     english = english.rename_columns(["image_id", "caption_idx", "english"])
 
     others = captions.filter(pc.is_in(captions["lang"], value_set=pa.array(langs)))
     for column, values, reason in (("source", pa.array(INDEPENDENT_SOURCES), "independent descriptions (not translations)"),
                                    ("image_id", exclude, "evaluation images")):
         mask = pc.is_in(others[column], value_set=values)
-        report.dropped[reason] += pc.sum(mask).as_py() or 0
+        report.drop(others["lang"].filter(mask), reason)
         others = others.filter(pc.invert(mask))
-    before = others.num_rows
-    others = _unique_rows(others.select(["image_id", "caption_idx", "lang", "text"]), ["image_id", "caption_idx", "lang", "text"])
-    report.dropped["duplicates"] += before - others.num_rows
+    unique = unique_rows(others.select(["image_id", "caption_idx", "lang", "text"]), ["image_id", "caption_idx", "lang", "text"])
+    report.drop(removed_languages(others["lang"], unique["lang"]), "duplicates")
+    others = unique
 
     joined = others.join(english, keys=["image_id", "caption_idx"], join_type="inner")
-    report.dropped["no English caption with the same image_id and caption_idx"] += others.num_rows - joined.num_rows
+    report.drop(removed_languages(others["lang"], joined["lang"]), "no English caption with the same image_id and caption_idx")
     pairs = pa.table({
         "image_id": joined["image_id"], "caption_idx": joined["caption_idx"], "lang": joined["lang"],
         "english": joined["english"], "translation": joined["text"],
     }).sort_by([("lang", "ascending"), ("image_id", "ascending"), ("caption_idx", "ascending")])
-    report.pairs.update(dict(zip(*np.unique(pairs["lang"].to_numpy(zero_copy_only=False), return_counts=True))))
-    report.pairs = Counter({str(k): int(v) for k, v in report.pairs.items()})
-    report.dropped = Counter({k: v for k, v in report.dropped.items() if v})
+    report.keep(pairs["lang"])
     missing = [lang for lang in langs if not report.pairs.get(lang)]
     if missing:
         raise DataError(f"no bitext pairs for language(s) {', '.join(missing)} in the given tables")
     log.info(report.summary())
     return pairs, report
+
+
+def removed_languages(before: pa.ChunkedArray, after: pa.ChunkedArray) -> list[str]:
+    """The languages of the rows a filter removed: ``before``'s counts less ``after``'s."""
+    return list((Counter(before.to_pylist()) - Counter(after.to_pylist())).elements())
 
 
 def caption_pairs(captions: pa.Table, lang: str = "en", exclude_images: set[str] | None = None) -> pa.Table:
@@ -157,7 +190,7 @@ def caption_pairs(captions: pa.Table, lang: str = "en", exclude_images: set[str]
     rows = captions.filter(pc.equal(captions["lang"], lang))
     if exclude_images:
         rows = rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=pa.array(sorted(exclude_images)))))
-    rows = _unique_rows(rows.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
+    rows = unique_rows(rows.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
     rows = rows.sort_by([("image_id", "ascending"), ("caption_idx", "ascending")])
     images, texts = rows["image_id"].to_numpy(zero_copy_only=False), rows["text"].to_numpy(zero_copy_only=False)
     starts = np.flatnonzero(np.r_[True, images[1:] != images[:-1]])
@@ -377,7 +410,7 @@ def corpus_captions(captions: pa.Table, lang: str = "en") -> pa.Table:
     corpus = captions.filter(pc.equal(captions["lang"], lang))
     if corpus.num_rows == 0:
         raise DataError(f"no captions in corpus language {lang!r} in the given tables")
-    return _unique_rows(corpus.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
+    return unique_rows(corpus.select(["image_id", "caption_idx", "text"]), ["image_id", "text"])
 
 
 def source_caption_rows(queries: pa.Table, captions: pa.Table, corpus: pa.Table, lang: str = "en") -> np.ndarray:
@@ -402,12 +435,13 @@ def without_images(captions: pa.Table, uris: list[str]) -> pa.Table:
     return captions.filter(pc.invert(pc.is_in(captions["image_id"], value_set=pa.array(sorted(held_out)))))
 
 
-def _unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
+def unique_rows(table: pa.Table, keys: list[str]) -> pa.Table:
     """First row of each distinct ``keys`` combination, in the original order."""
     indexed = table.append_column("_row", pa.array(np.arange(table.num_rows)))
     first = indexed.group_by(keys, use_threads=False).aggregate([("_row", "min")])
     return table.take(np.sort(first["_row_min"].to_numpy()))
 
 
-def _first(mask: pa.ChunkedArray | pa.Array) -> int:
+def first_row(mask: pa.ChunkedArray | pa.Array) -> int:
+    """The position of ``mask``'s first true value: the row an error names."""
     return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])

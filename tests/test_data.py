@@ -41,10 +41,10 @@ def test_bitext_pairs_join_and_account_for_every_dropped_row(tmp_path):
     assert got == [("de", "A dog runs.", "Ein Hund rennt."), ("de", "Two kids play.", "Zwei Kinder spielen."),
                    ("qu", "A dog runs.", "Allqu phawan.")]
     assert report.pairs == {"de": 2, "qu": 1}
-    assert report.dropped == {"independent descriptions (not translations)": 1, "evaluation images": 1,
+    assert report.reasons() == {"independent descriptions (not translations)": 1, "evaluation images": 1,
                               "duplicates": 1, "no English caption with the same image_id and caption_idx": 1}
     de_rows = sum(1 for r in ROWS if r[2] == "de")
-    assert report.pairs["de"] + sum(report.dropped.values()) == de_rows  # nothing lost silently
+    assert report.pairs["de"] + sum(report.dropped["de"].values()) == de_rows  # nothing lost silently
 
 
 def test_bitext_for_a_language_with_no_pairs_is_an_error(tmp_path):
