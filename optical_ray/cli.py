@@ -12,18 +12,48 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import check_languages, read_captions
-    from .encoder import Encoder
-    from .evaluate import evaluate, write_report
+    import json
+    from pathlib import Path
 
-    query_langs = check_languages(args.query_langs, "--query-langs")
-    captions = read_captions(args.data, args.drop_blank)
+    from . import beir
+    from .data import DataError, check_languages, read_captions
+    from .encoder import Encoder
+    from .evaluate import evaluate, evaluate_bitext, report_markdown, write_report
+
+    high, low = check_languages(args.high, "--high"), check_languages(args.low, "--low")
     encoder = Encoder.load(args.model, max_length=args.max_length)
-    report = evaluate(encoder, captions, query_langs, args.corpus_lang, high=args.high, low=args.low,
-                      batch_size=args.batch_size)
-    out = write_report(report, args.out, title=f"{args.model}: {args.corpus_lang} corpus")
-    print((out / "report.md").read_text())
+    if args.beir:
+        report = beir.evaluate(encoder, args.beir, args.query_langs and check_languages(args.query_langs, "--query-langs"),
+                               high, low, args.split, args.batch_size)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "report.md").write_text(beir.report_markdown(report, f"{args.model}: {args.beir}"))
+        print((out / "report.md").read_text())
+        print(f"report: {out / 'report.json'}")
+        return
+    if args.bitext_english:
+        files = dict(args.bitext or [])
+        report = evaluate_bitext(encoder, args.bitext_english, dict(zip(check_languages(list(files), "--bitext"),
+                                                                        files.values())), high, low, args.batch_size)
+        title = f"{args.model}: bitext retrieval of {args.bitext_english}"
+    else:
+        if not args.query_langs:
+            raise DataError("--data needs --query-langs (the languages whose captions are the queries)")
+        query_langs = check_languages(args.query_langs, "--query-langs")
+        report = evaluate(encoder, read_captions(args.data, args.drop_blank), query_langs, args.corpus_lang,
+                          high=high, low=low, batch_size=args.batch_size)
+        title = f"{args.model}: {args.corpus_lang} corpus"
+    out = write_report(report, args.out, title=title)
+    print(report_markdown(report, title))
     print(f"report: {out / 'report.json'}  plot: {out / 'recall.png'}")
+
+
+def _lang_file(value: str) -> tuple[str, str]:
+    lang, sep, path = value.partition("=")
+    if not sep or not lang or not path:
+        raise argparse.ArgumentTypeError(f"expected LANG=FILE (e.g. sw=swh_Latn.devtest), got {value!r}")
+    return lang, path
 
 
 def cmd_distill(args: argparse.Namespace) -> None:
@@ -210,14 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages and show where an error was raised")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("eval", help="cross-lingual caption retrieval report (R@1/5/10, MRR, gap)",
-                       description="Queries in each --query-langs language retrieve among the --corpus-lang "
-                                   "captions of the same images; writes report.json, report.md and recall.png.")
+    p = sub.add_parser(
+        "eval", help="cross-lingual retrieval report: captions, bitext or a BEIR-layout set",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One of three evaluations, each a per-language table and the gap between --high and --low:\n"
+                    "  --data: caption retrieval, queries in --query-langs against the --corpus-lang captions of the "
+                    "same images (R@1/5/10, MRR)\n"
+                    "  --bitext-english + --bitext: bitext retrieval (FLORES/Tatoeba style), each sentence must find "
+                    "its English translation among all English sentences (R@1/5/10, MRR, gap with a paired bootstrap "
+                    "interval)\n"
+                    "  --beir: a BEIR-layout folder (corpus.jsonl, queries.<lang>.jsonl, qrels/<split>.tsv): nDCG@10, "
+                    "Recall@100, MRR@10 from ir-measures, gap with a bootstrap interval over queries",
+        epilog="examples:\n"
+               "  optical-ray eval --model runs/distill/model --data test.parquet --query-langs de,ay,qu --out r/\n"
+               "  optical-ray eval --model runs/distill/model --bitext-english eng_Latn.devtest \\\n"
+               "      --bitext sw=swh_Latn.devtest --bitext de=deu_Latn.devtest --high de --low sw --out r/\n"
+               "  optical-ray eval --model runs/distill/model --beir my-set/ --high en --low sw,quy --out r/")
     p.add_argument("--model", required=True, help="model folder, or a shipped model: student-init, minilm-en")
-    p.add_argument("--data", required=True, action="append",
-                   help="caption table (Parquet file or folder, local or s3://); repeat for several")
-    p.add_argument("--query-langs", required=True, type=_csv, help="comma-separated, e.g. de,fr,ay")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", action="append",
+                        help="caption table (Parquet file or folder, local or s3://); repeat for several")
+    source.add_argument("--bitext-english", metavar="FILE", help="the English side of line-aligned evaluation bitext")
+    source.add_argument("--beir", metavar="FOLDER", help="a BEIR-layout retrieval set, local or s3://")
+    p.add_argument("--bitext", type=_lang_file, action="append", metavar="LANG=FILE",
+                   help="with --bitext-english: a file line-aligned with it, in language LANG (repeatable)")
+    p.add_argument("--query-langs", type=_csv, help="comma-separated, e.g. de,fr,ay (--data: required; --beir: "
+                                                    "default every queries file)")
     p.add_argument("--corpus-lang", default="en")
+    p.add_argument("--split", default="test", help="--beir: the qrels split (qrels/<split>.tsv)")
     p.add_argument("--high", type=_csv, default="de,fr,es,zh", help="high-resource group for the gap")
     p.add_argument("--low", type=_csv, default="ay,gn,qu", help="low-resource group for the gap")
     p.add_argument("--batch-size", type=int, default=64)

@@ -16,8 +16,9 @@ import pyarrow as pa
 
 from . import metrics
 from .config import HIGH_RESOURCE, LOW_RESOURCE
-from .data import corpus_captions, query_captions, source_caption_rows
+from .data import DataError, corpus_captions, query_captions, source_caption_rows
 from .encoder import Encoder
+from .parallel import read_lines
 
 # Models compared with each other (before and after training, the experiment's arms) are scored at one
 # length, whatever each saved folder states, so truncation is not what differs between them. 128 tokens
@@ -70,6 +71,52 @@ def evaluate(encoder: Encoder, captions: pa.Table, query_langs: list[str], corpu
     return build_report(ranks, high, low)
 
 
+def rank_bitext(encoder: Encoder, english: list[str], others: dict[str, list[str]], batch_size: int = 64,
+                progress: bool = True) -> dict[str, np.ndarray]:
+    """Bitext retrieval (FLORES / Tatoeba style): per language, the 1-based rank of each sentence's
+    English translation (the line with its number) among all the English sentences. Identical English
+    sentences count as the same translation."""
+    _, labels = np.unique(np.array(english, dtype=object), return_inverse=True)
+    corpus = encoder.encode(english, "passage", batch_size, progress="encode English" if progress else None)
+    ranks = {}
+    for lang, sentences in others.items():
+        if len(sentences) != len(english):
+            raise DataError(f"bitext {lang}: {len(sentences)} sentences for {len(english)} English ones; the files "
+                            "must be line-aligned")
+        queries = encoder.encode(sentences, "query", batch_size, progress=f"encode {lang}" if progress else None)
+        ranks[lang] = metrics.ranks_by_label(queries, corpus, labels, labels)
+    return ranks
+
+
+def evaluate_bitext(encoder: Encoder, english_uri: str, files: dict[str, str], high: Sequence[str] = (),
+                    low: Sequence[str] = (), batch_size: int = 64, progress: bool = True) -> dict:
+    """:func:`rank_bitext` on line-aligned files (``files``: language -> file, local or s3://), as a
+    report with the gap's paired bootstrap interval."""
+    english = read_lines(english_uri)
+    others = {}
+    for lang, uri in files.items():
+        others[lang] = read_lines(uri)
+        if len(others[lang]) != len(english):
+            raise DataError(f"line counts differ: {english_uri} has {len(english)} lines, {uri} has {len(others[lang])}")
+    ranks = rank_bitext(encoder, english, others, batch_size, progress)
+    report = build_report(ranks, high, low)
+    report["gap"]["interval"] = gap_interval(ranks, high, low)
+    return report
+
+
+def gap_interval(ranks: dict[str, np.ndarray], high: Sequence[str], low: Sequence[str], resamples: int = 1000,
+                 seed: int = 0) -> list[float] | None:
+    """A 95% bootstrap interval of the R@1 gap for queries that are the same items in every language
+    (line i of multi-way parallel bitext): one draw of items serves all languages, so it is paired."""
+    high, low = [g for g in high if g in ranks], [g for g in low if g in ranks]
+    if not (high and low):
+        return None
+    n = len(next(iter(ranks.values())))
+    weights = metrics.image_resamples(n, resamples, seed)
+    draws = {lang: metrics.weighted_recall(ranks[lang] <= 1, np.arange(n), weights) for lang in high + low}
+    return list(metrics.percentile_interval(metrics.resource_gap(draws, high, low)))
+
+
 def write_report(report: dict, out_dir: str | Path, title: str = "Cross-lingual caption retrieval") -> Path:
     """report.json, report.md (a table) and recall.png (R@1 per language, groups marked)."""
     out = Path(out_dir)
@@ -90,8 +137,9 @@ def report_markdown(report: dict, title: str) -> str:
     if gap["R@1"] is None:
         lines.append("Gap: not computed (a group has no evaluated language).")
     else:
+        interval = f" [95% paired bootstrap: {gap['interval'][0]:.3f}, {gap['interval'][1]:.3f}]" if gap.get("interval") else ""
         lines.append(f"Gap (mean R@1 of {', '.join(gap['high'])} minus mean R@1 of {', '.join(gap['low'])}): "
-                     f"**{gap['R@1']:.3f}**")
+                     f"**{gap['R@1']:.3f}**{interval}")
     return "\n".join(lines) + "\n"
 
 

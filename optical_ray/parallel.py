@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import PurePosixPath
 
 import pyarrow as pa
@@ -42,7 +43,7 @@ def read_aligned(english_uri: str, other_uri: str, lang: str | None = None) -> p
         raise DataError(f"{other_uri}: cannot tell its language from the file name (its suffix {suffix!r} is "
                         "not a language tag): give the language (--lang)")
     _check_tag(lang, other_uri)
-    english, other = _lines(english_uri), _lines(other_uri)
+    english, other = read_lines(english_uri), read_lines(other_uri)
     if len(english) != len(other):
         raise DataError(f"line counts differ: {english_uri} has {len(english)} lines, {other_uri} has {len(other)}; "
                         "aligned files must have one line per sentence in the same order")
@@ -66,7 +67,7 @@ def read_table(uri: str, english: str = "en", translation: str | None = None, la
     if format in ("tsv", "csv"):
         table = _read_delimited(uri, fields, header, "\t" if format == "tsv" else ",")
     elif format == "jsonl":
-        table = _read_json_lines(uri, fields)
+        table = read_json_fields(uri, fields)
     elif format == "parquet":
         table = _read_parquet(uri, fields)
     else:
@@ -121,9 +122,9 @@ def read_texts(uris: list[str]) -> set[str]:
             if format == "parquet":
                 column = _read_parquet(path, ["text"]).column(0)
             elif format == "jsonl":
-                column = _read_json_lines(path, ["text"]).column(0)
+                column = read_json_fields(path, ["text"]).column(0)
             else:
-                column = pa.array(_lines(path), pa.string())
+                column = pa.array(read_lines(path), pa.string())
             texts.update(pc.utf8_trim_whitespace(column).to_pylist())
     texts.discard("")
     return texts
@@ -136,7 +137,7 @@ def _pairs(origin: str, english: pa.Array, translation: pa.Array, langs: pa.Arra
                      "lang": langs, "english": english, "translation": translation})
 
 
-def _lines(uri: str) -> list[str]:
+def read_lines(uri: str) -> list[str]:
     """The lines of a UTF-8 text file. Split on newlines only: str.splitlines would also split on
     characters such as U+2028 or U+0085 inside a sentence, silently misaligning every later pair."""
     raw = storage.read_bytes(uri)
@@ -179,9 +180,11 @@ def _column(uri: str, field: str, names: list[str], header: bool) -> str:
     return field
 
 
-def _read_json_lines(uri: str, fields: list[str]) -> pa.Table:
+def read_json_fields(uri: str, fields: list[str], optional: Sequence[str] = ()) -> pa.Table:
+    """String ``fields`` of a JSON Lines file (other fields are ignored), and the ``optional`` ones that
+    occur in it; a missing or non-string field is an error naming the line."""
     raw = storage.read_bytes(uri)
-    schema = pa.schema([(f, pa.string()) for f in dict.fromkeys(fields)])
+    schema = pa.schema([(f, pa.string()) for f in dict.fromkeys([*fields, *optional])])
     try:
         table = pajson.read_json(pa.BufferReader(raw), parse_options=pajson.ParseOptions(
             explicit_schema=schema, unexpected_field_behavior="ignore"))
@@ -193,7 +196,7 @@ def _read_json_lines(uri: str, fields: list[str]) -> pa.Table:
             raise DataError(f"{uri}: no field {f!r} (the first line has: {', '.join(first) or 'nothing'})")
         if table[f].null_count:
             raise DataError(_json_problem(uri, raw, fields))
-    return table.select(fields)
+    return table.select([*fields, *[f for f in optional if table[f].null_count < table.num_rows]])
 
 
 def _json_problem(uri: str, raw: bytes, fields: list[str]) -> str:

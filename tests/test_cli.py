@@ -33,6 +33,8 @@ def test_eval_writes_the_report_format_from_s3(s3, tiny_model_dir, tmp_path, cap
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "no-such-model", "--data", "x.parquet", "--query-langs", "de", "--out", "o"],
+     "model 'no-such-model': not one of student-init, minilm-en"),
+    (["eval", "--model", "student-init", "--data", "x.parquet", "--query-langs", "de", "--out", "o"],
      "no such file or folder"),
     (["eval", "--model", "student-init", "--data", str(SAMPLE_DIR / "val_captions.parquet"), "--query-langs", "xx",
       "--out", "o"], "--query-langs: 'xx' is not a valid BCP-47"),
@@ -41,6 +43,12 @@ def test_eval_writes_the_report_format_from_s3(s3, tiny_model_dir, tmp_path, cap
 def test_errors_name_the_bad_input_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_malformed_option_is_refused_by_argparse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "student-init", "--bitext-english", "en.txt", "--bitext", "sw", "--out", "o"])
+    assert exit_info.value.code == 2 and "expected LANG=FILE (e.g. sw=swh_Latn.devtest), got 'sw'" in capsys.readouterr().err
 
 
 def test_every_command_has_help(capsys):
