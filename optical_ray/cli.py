@@ -117,11 +117,16 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     import json
 
-    from .corpus_index import build_corpus_index
+    from .corpus_index import build_corpus_index, build_document_index
 
     _connect_ray(args)
-    manifest = build_corpus_index(args.model, args.data, args.out, args.factory, args.lang, args.query_langs,
-                                  args.sample_queries, args.concurrency, args.batch_size)
+    if args.corpus:
+        manifest = build_document_index(args.model, args.corpus, args.out, args.factory, args.id_field, args.text_field,
+                                        args.metadata_fields, args.format, args.sample_queries, args.concurrency,
+                                        args.batch_size)
+    else:
+        manifest = build_corpus_index(args.model, args.data, args.out, args.factory, args.lang, args.query_langs,
+                                      args.sample_queries, args.concurrency, args.batch_size)
     print(json.dumps(manifest, indent=2))
     print(f"index written to {args.out}")
 
@@ -181,6 +186,8 @@ def _connect_ray(args: argparse.Namespace, **local) -> None:
     lines, worker logs, Ray Data progress bars or Tune status tables -- errors still surface in full."""
     import ray
 
+    if ray.is_initialized():  # called from a program (a notebook, a test) already connected to its Ray
+        return
     verbose = getattr(args, "verbose", False)
     ray.init(address=args.address, logging_level=logging.INFO if verbose else logging.WARNING,
              log_to_driver=verbose, **({"dashboard_host": "127.0.0.1", **local} if args.address == "local" else {}))
@@ -309,17 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name and storage")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("index", help="encode a caption corpus with Ray Data and build a FAISS index",
-                       description="Encodes the distinct --lang captions of --data with the model (Ray Data "
-                                   "map_batches), builds a FAISS index from --factory (GPU FAISS when present), "
-                                   "reports recall@10 against exact search per query language, and writes "
-                                   "index.faiss, metadata.parquet and manifest.json under --out.")
+    p = sub.add_parser("index", help="encode a caption corpus or a document collection with Ray Data and build a FAISS index",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Encodes --corpus documents (or the distinct --lang captions of --data) with the "
+                                   "model (Ray Data map_batches), builds a FAISS index from --factory (GPU FAISS when "
+                                   "present), reports recall@10 against exact search (for a collection also with a "
+                                   "filter on each value of its metadata fields), and writes a new version "
+                                   "(index.faiss, metadata.parquet, manifest.json) under --out.",
+                       epilog="examples:\n"
+                              "  optical-ray index --model runs/distill/model --corpus docs.jsonl --out runs/index\n"
+                              "  optical-ray index --model runs/distill/model --corpus s3://b/docs.parquet --id-field doc_id \\\n"
+                              "      --text-field body --metadata-fields lang,url --factory HNSW32 --out s3://b/index\n"
+                              "  optical-ray index --model student-init --data test_2018_captions.parquet --query-langs de,qu "
+                              "--out runs/index")
     p.add_argument("--model", required=True, help="model folder or shipped model name")
-    p.add_argument("--data", required=True, action="append", help="caption table file or folder (repeatable)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--corpus", help="a document collection: .jsonl, .tsv, .csv or .parquet, local or s3://")
+    source.add_argument("--data", action="append", help="caption table file or folder (repeatable)")
+    p.add_argument("--id-field", default="id", help="--corpus: the document id field (default id)")
+    p.add_argument("--text-field", default="text", help="--corpus: the text field (default text)")
+    p.add_argument("--metadata-fields", type=_csv, default=None,
+                   help="--corpus: the fields hits carry and searches filter on (default: every other field)")
+    p.add_argument("--format", choices=["jsonl", "tsv", "csv", "parquet"], help="--corpus: instead of the file name's")
     p.add_argument("--out", required=True, help="output folder, local or s3://")
     p.add_argument("--factory", default="Flat", help='FAISS index_factory string, e.g. Flat, HNSW32, "IVF256,PQ32"')
-    p.add_argument("--lang", default="en", help="language of the corpus captions")
-    p.add_argument("--query-langs", type=_csv, default="", help="languages whose captions measure recall vs exact")
+    p.add_argument("--lang", default="en", help="--data: language of the corpus captions")
+    p.add_argument("--query-langs", type=_csv, default="", help="--data: languages whose captions measure recall vs exact")
     p.add_argument("--sample-queries", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=1, help="encoder actors")
     p.add_argument("--batch-size", type=int, default=64)

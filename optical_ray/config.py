@@ -117,8 +117,22 @@ class DataConfig(Config):
     dev_languages: Languages = Field(default_factory=lambda: [*HIGH_RESOURCE, *LOW_RESOURCE])
     high_resource: Languages = Field(default_factory=lambda: list(HIGH_RESOURCE))
     low_resource: Languages = Field(default_factory=lambda: list(LOW_RESOURCE))
+    # Or line-aligned dev bitext (FLORES / Tatoeba style), one file per language: {en: FILE, sw: FILE};
+    # when set, dev retrieval is each dev_languages sentence finding its English translation (and `dev`
+    # is not read). The dev objective of tune and the experiment follows.
+    dev_bitext: dict[str, Uri] = Field(default_factory=dict)
     # Blank captions are refused, naming the file and row; true drops them and logs how many per language.
     drop_blank: StrictBool = False
+
+    @model_validator(mode="after")
+    def _dev_bitext_has_each_language(self) -> DataConfig:
+        if self.dev_bitext:
+            _check_tags(list(self.dev_bitext))
+            missing = [lang for lang in ["en", *self.dev_languages] if lang not in self.dev_bitext]
+            if missing:
+                raise ValueError(f"dev_bitext needs a file for en and for every dev_languages entry; missing: "
+                                 f"{', '.join(missing)}")
+        return self
 
 
 class LossConfig(Config):
@@ -259,7 +273,7 @@ class TeacherConfig(TrainingConfig):
 # Where a run writes and how often it saves: not part of what it trains.
 NOT_TRAINING = ("output_dir", "ray", "checkpoint_every", "test_sets")
 # Fields added after records were keyed, with the default that trains what the records trained.
-ADDED_LATER = {("data", "drop_blank"): False, ("length_buckets",): 0}
+ADDED_LATER = {("data", "drop_blank"): False, ("data", "dev_bitext"): {}, ("length_buckets",): 0}
 
 
 def training_fields(cfg: TrainingConfig) -> dict:
@@ -302,6 +316,8 @@ def with_absolute_paths(cfg: TrainingConfig) -> TrainingConfig:
     d.train, d.dev, d.exclude_images_from = [fix(p) for p in d.train], [fix(p) for p in d.dev], [fix(p) for p in d.exclude_images_from]
     if getattr(d, "bitext", None):
         d.bitext = fix(d.bitext)
+    if getattr(d, "dev_bitext", None):
+        d.dev_bitext = {lang: fix(path) for lang, path in d.dev_bitext.items()}
     cfg.output_dir, cfg.ray.storage_path = fix(cfg.output_dir), fix(cfg.ray.storage_path)
     for model in ("student", "teacher"):
         if hasattr(cfg, model) and os.path.exists(getattr(cfg, model)):

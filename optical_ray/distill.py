@@ -33,7 +33,7 @@ from . import checkpoints, data, pretokenized, storage
 from .card import write_model_card
 from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
-from .evaluate import evaluate, write_report
+from .evaluate import bitext_report, evaluate, read_bitext, write_report
 from .losses import DistillationObjective, LossWeights
 from .model_store import publish
 
@@ -128,10 +128,11 @@ class Learner:
         """Endless batches from ``start_step``: two text columns, then whatever :meth:`prepare` also takes."""
         raise NotImplementedError
 
-    def dev_captions(self) -> pa.Table:
+    def dev_data(self) -> pa.Table | tuple:
+        """What :meth:`dev_report` evaluates on, read once per run."""
         raise NotImplementedError
 
-    def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:
+    def dev_report(self, dev: pa.Table | tuple, progress: bool = False) -> dict:
         raise NotImplementedError
 
     def step(self, first: list[str], second: list[str], inputs: dict | None = None) -> dict[str, float]:
@@ -223,11 +224,15 @@ class Distiller(Learner):
     def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list, ...]]:
         return training_batches(self.cfg, start_step, rank, world, self.columns())
 
-    def dev_captions(self) -> pa.Table:
-        return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)
+    def dev_data(self) -> pa.Table | tuple:
+        """The dev caption tables, or the dev bitext's (English lines, {language: lines})."""
+        d = self.cfg.data
+        if d.dev_bitext:
+            return read_bitext(d.dev_bitext["en"], {lang: d.dev_bitext[lang] for lang in d.dev_languages})
+        return data.read_captions(d.dev, d.drop_blank)
 
-    def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:
-        return dev_report(self.cfg, self.student, captions, progress)
+    def dev_report(self, dev: pa.Table | tuple, progress: bool = False) -> dict:
+        return dev_report(self.cfg, self.student, dev, progress)
 
 
 def learner_class(cfg: TrainingConfig) -> type[Learner]:
@@ -245,9 +250,15 @@ def split_output(out: EncoderOutput, n: int) -> tuple[EncoderOutput, EncoderOutp
     return part(slice(0, n)), part(slice(n, None))
 
 
-def dev_report(cfg: DistillConfig, student: Encoder, dev_captions: pa.Table, progress: bool = False) -> dict:
-    return evaluate(student, dev_captions, cfg.data.dev_languages, high=cfg.data.high_resource,
-                    low=cfg.data.low_resource, batch_size=cfg.eval_batch_size, progress=progress)
+def dev_report(cfg: DistillConfig, student: Encoder, dev: pa.Table | tuple, progress: bool = False) -> dict:
+    """Dev retrieval: caption tables (queries find their image's captions) or bitext (each sentence
+    finds its English translation), as :meth:`Distiller.dev_data` read them."""
+    d = cfg.data
+    if isinstance(dev, tuple):
+        return bitext_report(student, *dev, high=d.high_resource, low=d.low_resource, batch_size=cfg.eval_batch_size,
+                             progress=progress)
+    return evaluate(student, dev, d.dev_languages, high=d.high_resource, low=d.low_resource,
+                    batch_size=cfg.eval_batch_size, progress=progress)
 
 
 def dev_metrics(report: dict) -> dict[str, float]:
@@ -306,7 +317,7 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
         if folder:
             report = checkpoints.restore(folder, student, learner, cfg)
             log.info("resumed from step %d (%d pairs consumed)", learner.step_count, learner.step_count * cfg.batch_size)
-    dev_captions = learner.dev_captions() if rank == 0 else None
+    dev = learner.dev_data() if rank == 0 else None
     first_step, start = learner.step_count, time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=first_step, desc=learner.name, unit="step", disable=not progress)
     with contextlib.closing(prefetched(learner.batches(learner.step_count, rank, world), learner.prepare)) as stream:
@@ -320,7 +331,7 @@ def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", pairs_s=f"{metrics['pairs_per_s']:.1f}")
             evaluate_now, checkpoint_now = evaluation_due(cfg, step), checkpoint_due(cfg, step)
             if evaluate_now and rank == 0:
-                report = learner.dev_report(dev_captions, progress=progress and step == cfg.steps)
+                report = learner.dev_report(dev, progress=progress and step == cfg.steps)
                 metrics.update(dev_metrics(report))
             if checkpoint_now or step % cfg.log_every == 0:
                 with tempfile.TemporaryDirectory() as folder:

@@ -88,20 +88,32 @@ def rank_bitext(encoder: Encoder, english: list[str], others: dict[str, list[str
     return ranks
 
 
-def evaluate_bitext(encoder: Encoder, english_uri: str, files: dict[str, str], high: Sequence[str] = (),
-                    low: Sequence[str] = (), batch_size: int = 64, progress: bool = True) -> dict:
-    """:func:`rank_bitext` on line-aligned files (``files``: language -> file, local or s3://), as a
-    report with the gap's paired bootstrap interval."""
+def read_bitext(english_uri: str, files: dict[str, str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The English lines and each language's (``files``: language -> file, local or s3://), checked to
+    be line-aligned."""
     english = read_lines(english_uri)
     others = {}
     for lang, uri in files.items():
         others[lang] = read_lines(uri)
         if len(others[lang]) != len(english):
             raise DataError(f"line counts differ: {english_uri} has {len(english)} lines, {uri} has {len(others[lang])}")
+    return english, others
+
+
+def bitext_report(encoder: Encoder, english: list[str], others: dict[str, list[str]], high: Sequence[str] = (),
+                  low: Sequence[str] = (), batch_size: int = 64, progress: bool = True) -> dict:
+    """:func:`rank_bitext` as a report, with the gap's paired bootstrap interval."""
     ranks = rank_bitext(encoder, english, others, batch_size, progress)
     report = build_report(ranks, high, low)
     report["gap"]["interval"] = gap_interval(ranks, high, low)
     return report
+
+
+def evaluate_bitext(encoder: Encoder, english_uri: str, files: dict[str, str], high: Sequence[str] = (),
+                    low: Sequence[str] = (), batch_size: int = 64, progress: bool = True) -> dict:
+    """:func:`bitext_report` on line-aligned files."""
+    english, others = read_bitext(english_uri, files)
+    return bitext_report(encoder, english, others, high, low, batch_size, progress)
 
 
 def gap_interval(ranks: dict[str, np.ndarray], high: Sequence[str], low: Sequence[str], resamples: int = 1000,

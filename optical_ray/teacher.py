@@ -70,7 +70,7 @@ class CaptionRetrieval(Learner):
         return data.batches(training_pairs(self.cfg), self.cfg.batch_size, self.cfg.seed, start_step, rank, world,
                             columns=("query", "passage"), length_buckets=self.cfg.length_buckets)
 
-    def dev_captions(self) -> pa.Table:
+    def dev_data(self) -> pa.Table:
         return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)
 
     def dev_report(self, captions: pa.Table, progress: bool = False) -> dict:

@@ -135,6 +135,15 @@ def test_search_finds_the_captions_of_the_query_image(service):
     assert "/search" in httpx.get(f"{service['url']}/openapi.json").json()["paths"]
 
 
+def test_a_filter_is_checked_against_the_index_fields(service):
+    url = f"{service['url']}/search"
+    response = httpx.post(url, json={"queries": ["a dog"], "filter": {"lang": "de"}}, timeout=60)
+    assert response.status_code == 400
+    assert "no metadata field 'lang' in this index (fields: none" in response.json()["error"]
+    response = httpx.post(url, json={"queries": ["a dog"], "filter": {"lang": ["de"]}}, timeout=60)
+    assert response.status_code == 422 and "filter" in response.json()["error"]
+
+
 def test_embeddings_are_the_students_query_vectors_in_openais_shape(service):
     from optical_ray.encoder import Encoder
 

@@ -60,7 +60,7 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from optical_ray import storage
-from optical_ray.index import CURRENT_FILE, load_index, resolve_version
+from optical_ray.index import CURRENT_FILE, FilterError, Searchable, load_index, resolve_version
 from optical_ray.model_store import resolve_model
 from optical_ray.onnx_encoder import BACKENDS, load_query_encoder
 from optical_ray.service.auth import API_KEY_ENV, OPEN_PATHS, KeyRing, check_auth, presented_key
@@ -151,7 +151,7 @@ class Retriever:
     def __init__(self, index_uri: str, model: str):
         self.default_uri, self.model = index_uri, local_model_id(model)
         self.dim = json.loads((resolve_model(model) / "config.json").read_text())["hidden_size"]
-        self.state: tuple | None = None  # (uri, index, ids, image ids, texts, version)
+        self.state: tuple[str, Searchable] | None = None  # (uri, the index it holds)
         self.failed_swaps, self.last_error, self.configured, self.wanted = 0, None, False, index_uri
         self.search_ms = Histogram("optical_ray_search_latency_ms", "one FAISS search call", boundaries=LATENCY_MS)
         self.hits = Counter("optical_ray_hits", "hits returned")
@@ -172,9 +172,7 @@ class Retriever:
             raise IndexMismatchError(f"{uri} was built with model {built_with!r}, this app encodes with {self.model!r}")
         if stored.index.d != self.dim:
             raise IndexMismatchError(f"{uri} holds {stored.index.d}-d vectors, the encoder makes {self.dim}-d ones")
-        meta = stored.metadata
-        return (uri, stored.index, meta["id"].to_pylist(), meta["image_id"].to_pylist(), meta["text"].to_pylist(),
-                stored.manifest.get("version"))
+        return uri, Searchable(stored)
 
     def _swap(self, uri: str) -> None:
         """Load ``uri`` completely, then replace the old index with one assignment, so requests in flight
@@ -196,8 +194,8 @@ class Retriever:
             return
         self.state = state
         self.swap_refused.set(0)
-        self.index_loads.inc(tags={"index": uri, "version": str(state[5])})
-        log.info("index swapped to %s (version %s)", uri, state[5])
+        self.index_loads.inc(tags={"index": uri, "version": str(state[1].version)})
+        log.info("index swapped to %s (version %s)", uri, state[1].version)
 
     def reconfigure(self, config: dict) -> None:
         """``index_uri`` and ``version`` (see the class); an empty user_config serves the pinned default."""
@@ -216,20 +214,23 @@ class Retriever:
             raise RuntimeError(f"no usable index: {self.last_error}")
 
     def status(self) -> dict:
-        uri, index, *_, version = self._current()
-        return {"index": uri, "version": version, "count": int(index.ntotal), "dim": int(index.d),
+        uri, served = self._current()
+        return {"index": uri, "version": served.version, "count": int(served.index.ntotal), "dim": int(served.index.d),
                 "configured": self.wanted, "swap_refused": uri != self.wanted,
                 "failed_swaps": self.failed_swaps, "last_error": self.last_error}
 
-    def search(self, vectors: np.ndarray, k: int) -> dict:
-        uri, index, ids, image_ids, texts, version = self._current()
+    def search(self, vectors: np.ndarray, k: int, where: dict | None = None) -> dict:
+        """Hits of each query (only rows whose metadata match ``where``); a filter on a field the index
+        does not have answers ``{"error": ...}``, which the API turns into a 400 naming the field."""
+        uri, served = self._current()
         started = time.perf_counter()
-        scores, rows = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        try:
+            results = served.search(vectors, k, where)
+        except FilterError as err:
+            return {"error": str(err)}
         self.search_ms.observe(1000 * (time.perf_counter() - started))
-        results = [[{"id": ids[r], "image_id": image_ids[r], "score": float(s), "text": texts[r]}
-                    for s, r in zip(score_row, row) if r >= 0] for score_row, row in zip(scores, rows)]
         self.hits.inc(sum(len(hits) for hits in results))
-        return {"results": results, "index": uri, "version": version}
+        return {"results": results, "index": uri, "version": served.version}
 
 
 app = FastAPI(title="optical-ray search",
@@ -398,11 +399,13 @@ class SearchAPI:
             return False
         return self.queries_in_flight == 0 or self.queries_in_flight + n_queries <= self.max_queries
 
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS)
+    # Hits leave out what their index has not: image_id (collections), metadata (caption indexes).
+    @app.post("/search", response_model=SearchResponse, response_model_exclude_none=True, responses=ERRORS)
     async def search(self, request: SearchRequest):
-        async def answer() -> dict:
+        async def answer() -> dict | JSONResponse:
             vectors = [vector for vector, _ in await self.embed(request.queries)]
-            return await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k))
+            found = await retry_once(lambda: self.retriever.search.remote(np.stack(vectors), request.k, request.filter))
+            return error(400, found["error"]) if "error" in found else found
 
         return await self.guarded(answer, len(request.queries))
 

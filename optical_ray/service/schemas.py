@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictStr, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
 
 MAX_QUERIES = 64
 MAX_QUERY_CHARS = 1000
@@ -37,6 +47,9 @@ class SearchRequest(BaseModel):
                                  description="query texts, in any language the student reads; none blank, "
                                              f"each at most {MAX_QUERY_CHARS} characters")
     k: JsonInt = Field(10, ge=1, le=MAX_K, description="hits per query")
+    filter: dict[str, StrictStr | StrictBool | StrictInt | StrictFloat] | None = Field(
+        None, max_length=8, description="only documents whose metadata equal every field: value given, e.g. "
+                                        '{"lang": "sw"} (applied inside FAISS; a field the index lacks is a 400)')
 
 
 class EmbeddingsRequest(BaseModel):
@@ -110,10 +123,12 @@ OPENAI_ERRORS[503]["content"] = PLAIN  # and application/json, from the model
 
 
 class Hit(BaseModel):
-    id: int
-    image_id: str
+    id: int | str = Field(description="the row of a caption index, or a collection's own document id")
+    image_id: str | None = Field(None, description="caption indexes: the image the caption describes")
     score: float
     text: str
+    metadata: dict[str, str | bool | int | float | None] | None = Field(
+        None, description="collections: the document's metadata fields")
 
 
 class SearchResponse(BaseModel):
