@@ -74,20 +74,27 @@ def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray
     return float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
 
 
+MAX_FILTER_WIDENING = 64
+
+
 def filtered_search(index: faiss.Index, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` restricted to ``rows`` (the matches of a metadata filter), in FAISS: an ID
     selector in the search parameters makes it skip every other row while it searches, so no match is
-    crowded out by non-matches. Exact for Flat; HNSW and IVF walk their graph or lists as usual, so a
-    selective filter can miss near neighbours an exact search finds (the index build measures it:
-    ``filtered_recall_at_10_vs_exact`` in the manifest). An index type that takes no selector is
+    crowded out by non-matches. Exact for Flat; HNSW and IVF walk their graph or lists wider (efSearch,
+    nprobe) by the inverse of the filter's share of rows, up to ``MAX_FILTER_WIDENING`` times, and can
+    still miss near neighbours an exact search finds (the index build measures it:
+    ``filtered_recall_at_10_vs_exact`` in the manifest; bench/bench_own_data.py at scale). An index type that takes no selector is
     searched deeper and its hits outside ``rows`` dropped (over-fetching)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
+    # A graph or list walk meets matches in proportion to the filter's share of rows: widen it by the
+    # inverse share (capped), or a selective filter leaves most of the k slots empty or far off.
+    widen = min(index.ntotal / max(len(rows), 1), MAX_FILTER_WIDENING)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=min(ivf.nlist, int(np.ceil(ivf.nprobe * widen))))
     elif isinstance(index, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=int(max(index.hnsw.efSearch, k) * widen))
     else:
         params = faiss.SearchParameters(sel=selector)
     try:
