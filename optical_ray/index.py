@@ -75,17 +75,28 @@ def recall_vs_exact(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray
 
 
 MAX_FILTER_WIDENING = 64
+# A filter matching at most this many rows is searched exactly among them (a few MB of vectors).
+EXACT_FILTER_ROWS = 10_000
 
 
 def filtered_search(index: faiss.Index, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``index.search`` restricted to ``rows`` (the matches of a metadata filter), in FAISS: an ID
     selector in the search parameters makes it skip every other row while it searches, so no match is
-    crowded out by non-matches. Exact for Flat; HNSW and IVF walk their graph or lists wider (efSearch,
+    crowded out by non-matches. Exact for Flat, and for any index that can return its vectors when at
+    most ``EXACT_FILTER_ROWS`` rows match (those are scored exactly). Otherwise HNSW and IVF walk their graph or lists wider (efSearch,
     nprobe) by the inverse of the filter's share of rows, up to ``MAX_FILTER_WIDENING`` times, and can
     still miss near neighbours an exact search finds (the index build measures it:
     ``filtered_recall_at_10_vs_exact`` in the manifest; bench/bench_own_data.py at scale). An index type that takes no selector is
     searched deeper and its hits outside ``rows`` dropped (over-fetching)."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if len(rows) <= EXACT_FILTER_ROWS and not isinstance(index, faiss.IndexFlat):
+        try:  # few matches: score them all (graph and list walks miss most of a rare value's rows)
+            candidates = index.reconstruct_batch(np.ascontiguousarray(rows, dtype=np.int64))
+        except RuntimeError:  # codes without a direct map (IVF): the selector below
+            candidates = None
+        if candidates is not None:
+            scores, found = faiss_exact(candidates).search(queries, k)
+            return scores, np.where(found >= 0, rows[np.maximum(found, 0)], -1)
     selector = faiss.IDSelectorBatch(np.ascontiguousarray(rows, dtype=np.int64))
     # A graph or list walk meets matches in proportion to the filter's share of rows: widen it by the
     # inverse share (capped), or a selective filter leaves most of the k slots empty or far off.
