@@ -421,6 +421,12 @@ def _with_data_root(raw: dict, name: str) -> dict:
             if root is None:
                 raise ConfigError(f"{name}: {key.rstrip('.')} uses {DATA_ROOT} but no data_root is set "
                                   "(add data_root: to the file or --set data_root=...)")
+            # A relative root (the default ../shared/...) depends on where the command runs: check it here,
+            # before any model loads. Absolute ones may be mounted only where the work runs.
+            if "://" not in str(root) and not Path(root).is_absolute() and not Path(root).exists():
+                raise ConfigError(f"{name}: data_root {root} (used by {key.rstrip('.')}) is not a folder here: point "
+                                  "it at the caption tables (--set data_root=/path or s3://bucket/prefix), or rebuild "
+                                  "them from their upstream repositories with `optical-ray data build`")
             value = value.replace(DATA_ROOT, str(root).rstrip("/"))
         if isinstance(value, str):
             value = value.replace(SAMPLE_DATA, str(SAMPLE_DIR))
