@@ -188,6 +188,9 @@ class Distiller(Learner):
             found = [pretokenized.find_columns(prepared, encoder, column, prompt) for column, prompt in reads] if prepared else [None]
             if all(found):
                 self.token_columns[name] = [c for pair in found for c in pair]
+        # A teacher that tokenises as the student does (e.g. a frozen copy of it) shares its columns.
+        self._columns = ("english", "translation",
+                         *dict.fromkeys(c for columns in self.token_columns.values() for c in columns))
 
     @classmethod
     def create(cls, cfg: DistillConfig, device: torch.device, wrap=None) -> Distiller:
@@ -195,9 +198,9 @@ class Distiller(Learner):
         return cls(cfg, student, teacher, model=wrap(student) if wrap else None)
 
     def columns(self) -> tuple[str, ...]:
-        """The bitext columns a batch carries: the texts, and the token columns :meth:`prepare` pads."""
-        # A teacher that tokenises as the student does (e.g. a frozen copy of it) shares its columns.
-        return ("english", "translation", *dict.fromkeys(c for columns in self.token_columns.values() for c in columns))
+        """The bitext columns a batch carries, in this order: the texts, and the token columns
+        :meth:`prepare` pads (fixed when the learner is made)."""
+        return self._columns
 
     def prepare(self, english: list[str], translation: list[str], *tokens: pa.Array) -> dict:
         """The batch as tensors: the prepared token columns (``tokens``, in :meth:`columns` order)
