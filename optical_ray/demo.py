@@ -25,7 +25,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:
     test = data.read_captions(str(SAMPLE_DIR / "test_2018_captions.parquet"))
 
     print("[1/3] evaluating the undistilled student (multilingual-e5-small) on test_2018 ...", flush=True)
-    before = evaluate(Encoder.load("student-init", max_length=COMPARISON_MAX_LENGTH), test, TEST_LANGS)
+    before = evaluate(Encoder.load("student-init", max_length=COMPARISON_MAX_LENGTH), test, TEST_LANGS, high=HIGH_RESOURCE, low=LOW_RESOURCE)
     write_report(before, out / "before", title="Undistilled student, test_2018")
 
     print(f"[2/3] distilling for {steps} steps on Ray Train, 1 local worker "
@@ -40,7 +40,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int = 150) -> dict:
     student_dir = Path(run_training(cfg))
 
     print("[3/3] evaluating the distilled student on test_2018 ...", flush=True)
-    after = evaluate(Encoder.load(student_dir, max_length=COMPARISON_MAX_LENGTH), test, TEST_LANGS)
+    after = evaluate(Encoder.load(student_dir, max_length=COMPARISON_MAX_LENGTH), test, TEST_LANGS, high=HIGH_RESOURCE, low=LOW_RESOURCE)
     write_report(after, out / "after", title=f"Distilled student ({steps} steps), test_2018")
 
     print("\nR@1 on test_2018     " + " ".join(f"{lang:>6}" for lang in TEST_LANGS) + "     gap")
