@@ -411,6 +411,7 @@ def _with_data_root(raw: dict, name: str) -> dict:
     folder on one machine, an s3:// prefix on a cluster: ``--set data_root=s3://bucket/flickr30k-ml``).
     The key itself is consumed here, so configs that differ only in where the same data lives are equal."""
     root = raw.pop("data_root", None)
+    warned: set = set()
 
     def substitute(value, key: str):
         if isinstance(value, dict):
@@ -421,12 +422,15 @@ def _with_data_root(raw: dict, name: str) -> dict:
             if root is None:
                 raise ConfigError(f"{name}: {key.rstrip('.')} uses {DATA_ROOT} but no data_root is set "
                                   "(add data_root: to the file or --set data_root=...)")
-            # A relative root (the default ../shared/...) depends on where the command runs: check it here,
-            # before any model loads. Absolute ones may be mounted only where the work runs.
-            if "://" not in str(root) and not Path(root).is_absolute() and not Path(root).exists():
-                raise ConfigError(f"{name}: data_root {root} (used by {key.rstrip('.')}) is not a folder here: point "
-                                  "it at the caption tables (--set data_root=/path or s3://bucket/prefix), or rebuild "
-                                  "them from their upstream repositories with `optical-ray data build`")
+            # A relative root (the default ../shared/...) depends on where the command runs: say so before
+            # any model loads. A warning, not an error: a config is also loaded where its data is not read
+            # (reports, comparisons), and absolute roots may be mounted only where the work runs.
+            if "://" not in str(root) and not Path(root).is_absolute() and not Path(root).exists() and root not in warned:
+                warned.add(root)
+                logging.getLogger(__name__).warning(
+                    "%s: data_root %s (used by %s) is not a folder here, so reading its tables will fail: point it "
+                    "at the caption tables (--set data_root=/path or s3://bucket/prefix), or rebuild them from "
+                    "their upstream repositories with `optical-ray data build`", name, root, key.rstrip("."))
             value = value.replace(DATA_ROOT, str(root).rstrip("/"))
         if isinstance(value, str):
             value = value.replace(SAMPLE_DATA, str(SAMPLE_DIR))
