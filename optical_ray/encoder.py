@@ -1,4 +1,4 @@
-"""A text encoder: tokenizer + transformer + mean pooling + L2 norm.
+"""A text encoder: tokenizer + transformer + pooling (+ Dense layers) (+ L2 norm), as its folder says.
 
 An :class:`Encoder` exposes token states (for optimal-transport distillation) and sentence embeddings
 (for the contrastive and MSE losses and for retrieval). It loads anything
@@ -8,6 +8,7 @@ format, which ``transformers.AutoModel`` and ``sentence_transformers.SentenceTra
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ from .model_store import resolve_model
 
 DEFAULT_MAX_LENGTH = 128  # for a folder that does not say (sentence_bert_config.json absent)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EncoderOutput:
     token_states: torch.Tensor  # [B, L, H]
     content_mask: torch.Tensor  # [B, L] bool: real text tokens (no specials, prompt or padding)
-    embedding: torch.Tensor  # [B, H], L2-normalised mean of token states over the attention mask
+    embedding: torch.Tensor  # [B, D], pooled token states (then Dense layers, L2 norm) as the folder says
 
 
 # A fast tokenizer sets padding and truncation on its Rust object at every call, so two threads calling
@@ -37,19 +40,41 @@ class EncoderOutput:
 _TOKENIZER_LOCK = threading.Lock()
 
 
+def pool(states: torch.Tensor, attention: torch.Tensor, mode: str) -> torch.Tensor:
+    """One vector per sequence from token ``states`` [B, L, H] over the ``attention`` mask [B, L], as
+    sentence-transformers' Pooling does: the mean, the first (CLS) token, the elementwise max, or the
+    last attended token (for left or right padding alike)."""
+    weights = attention.unsqueeze(-1).to(states.dtype)
+    if mode == "mean":
+        return (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if mode == "cls":
+        return states[:, 0]
+    if mode == "max":
+        return states.masked_fill(weights == 0, torch.finfo(states.dtype).min).max(1).values
+    if mode == "lasttoken":
+        positions = torch.arange(attention.shape[1], device=attention.device)
+        last = (attention.bool() * positions).argmax(1)
+        return states[torch.arange(len(states), device=states.device), last]
+    raise ValueError(f"pooling must be one of {', '.join(st_folder.POOLING_MODES)}, got {mode!r}")
+
+
 class Encoder(nn.Module):
-    """Tokenizer + transformer + mean pooling + L2 norm.
+    """Tokenizer + transformer + pooling (+ Dense layers) (+ L2 norm).
 
     ``prompts`` maps a prompt name ("query", "passage") to the text prepended before tokenising, as
-    E5 expects; models without prompts (MiniLM) use the text as it is.
+    E5 expects; models without prompts (MiniLM) use the text as it is. ``pooling``, ``dense`` and
+    ``normalize`` are what the model's folder states (:func:`optical_ray.st_folder.read_settings`).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, prompts: dict[str, str] | None = None, max_length: int = DEFAULT_MAX_LENGTH):
+    def __init__(self, model: nn.Module, tokenizer, prompts: dict[str, str] | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+                 pooling: str = "mean", dense: list[nn.Module] = (), normalize: bool = True):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.max_length = max_length
+        self.pooling, self.normalize = pooling, normalize
+        self.dense = nn.ModuleList(dense)
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike, max_length: int | None = None) -> Encoder:
@@ -64,12 +89,18 @@ class Encoder(nn.Module):
         model = AutoModel.from_pretrained(path, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(path)
         settings = st_folder.read_settings(path)
+        if not settings.stated:
+            log.warning("%s has no modules.json (a plain Hugging Face folder): encoding with mean pooling and "
+                        "L2 norm", name_or_path)
         length = max_length or settings.max_seq_length or DEFAULT_MAX_LENGTH
-        return cls(model, tokenizer, prompts=settings.prompts, max_length=length)
+        dense = [st_folder.read_dense(path / sub) for sub in settings.dense]
+        return cls(model, tokenizer, prompts=settings.prompts, max_length=length, pooling=settings.pooling,
+                   dense=dense, normalize=settings.normalize)
 
     @property
     def dim(self) -> int:
-        return self.model.config.hidden_size
+        """The embedding's size: the last Dense layer's output, else the transformer's hidden size."""
+        return self.dense[-1][0].out_features if len(self.dense) else self.model.config.hidden_size
 
     @property
     def pad_id(self) -> int:
@@ -106,13 +137,15 @@ class Encoder(nn.Module):
         device = self.device
         attention = batch["attention_mask"].to(device)
         states = self.model(input_ids=batch["input_ids"].to(device), attention_mask=attention).last_hidden_state
-        weights = attention.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return EncoderOutput(
-            token_states=states,
-            content_mask=batch["content_mask"].to(device),
-            embedding=nn.functional.normalize(pooled, dim=-1),
-        )
+        return EncoderOutput(token_states=states, content_mask=batch["content_mask"].to(device),
+                             embedding=self.embed_states(states, attention))
+
+    def embed_states(self, states: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings from token states: pooling, the Dense layers, the L2 norm."""
+        embedding = pool(states, attention, self.pooling)
+        for layer in self.dense:
+            embedding = layer(embedding)
+        return nn.functional.normalize(embedding, dim=-1) if self.normalize else embedding
 
     @torch.inference_mode()
     def embed_tokens(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -146,7 +179,8 @@ class Encoder(nn.Module):
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a sentence-transformers folder that states this encoder's prompts and length."""
-        return st_folder.write(path, self.model, self.tokenizer, st_folder.FolderSettings(self.prompts, self.max_length))
+        settings = st_folder.FolderSettings(self.prompts, self.max_length, self.pooling, normalize=self.normalize)
+        return st_folder.write(path, self.model, self.tokenizer, settings, list(self.dense))
 
 
 def encode_in_batches(encoder, texts: list[str], prompt: str | None, batch_size: int, progress: str | None) -> np.ndarray:

@@ -91,8 +91,8 @@ class OnnxEncoder:
 
         self.tokenizer_side = Encoder.load(model, max_length=max_length)
         self.dim = self.tokenizer_side.dim
-        # Only its tokenize() is used here: drop the torch weights (0.47 GB for mE5-small) a replica
-        # would otherwise hold twice.
+        # Only its tokenize() and embed_states() are used here: drop the transformer's weights (0.47 GB
+        # for mE5-small) a replica would otherwise hold twice.
         self.tokenizer_side.model = torch.nn.Identity()
         options = ort.SessionOptions()
         if threads:
@@ -106,9 +106,9 @@ class OnnxEncoder:
         """Sentence embeddings of a tokenised batch: :meth:`optical_ray.encoder.Encoder.embed_tokens`."""
         mask = batch["attention_mask"].numpy()
         states = self.session.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": mask})[0]
-        weights = mask[..., None].astype(np.float32)
-        pooled = (states * weights).sum(1) / np.maximum(weights.sum(1), 1.0)
-        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        # The folder's pooling, Dense layers and norm: the torch encoder's own, on these states.
+        with torch.inference_mode():
+            return self.tokenizer_side.embed_states(torch.from_numpy(states), batch["attention_mask"]).float().numpy()
 
     def encode(self, texts: list[str], prompt: str | None = None, batch_size: int = 64,
                progress: str | None = None) -> np.ndarray:

@@ -75,6 +75,7 @@ from optical_ray.service.schemas import (
     SearchRequest,
     SearchResponse,
 )
+from optical_ray.st_folder import embedding_dimension
 
 log = logging.getLogger("ray.serve")
 access_log = logging.getLogger("optical_ray.access")
@@ -150,7 +151,7 @@ class Retriever:
 
     def __init__(self, index_uri: str, model: str):
         self.default_uri, self.model = index_uri, local_model_id(model)
-        self.dim = json.loads((resolve_model(model) / "config.json").read_text())["hidden_size"]
+        self.dim = embedding_dimension(resolve_model(model))  # what the encoder makes, Dense layers included
         self.state: tuple[str, Searchable] | None = None  # (uri, the index it holds)
         self.failed_swaps, self.last_error, self.configured, self.wanted = 0, None, False, index_uri
         self.search_ms = Histogram("optical_ray_search_latency_ms", "one FAISS search call", boundaries=LATENCY_MS)
