@@ -163,14 +163,20 @@ class Encoder(nn.Module):
         return encode_in_batches(self, texts, prompt, batch_size, progress)
 
     def load_weights(self, folder: str | os.PathLike) -> None:
-        """Load the transformer weights a saved folder holds (strictly: every weight present, none else),
-        less the identity pooler that :meth:`save` adds for ``AutoModel`` and this encoder never uses."""
+        """Load the weights a saved folder holds -- the transformer's (strictly: every weight present, none
+        else, less the identity pooler that :meth:`save` adds for ``AutoModel``) and its Dense layers'."""
         from safetensors.torch import load_file
 
-        state = load_file(Path(folder) / "model.safetensors", device=str(self.device))
+        folder = Path(folder)
+        state = load_file(folder / "model.safetensors", device=str(self.device))
         if getattr(self.model, "pooler", None) is None:
             state = {k: v for k, v in state.items() if not k.startswith("pooler.")}
         self.model.load_state_dict(state)
+        saved = st_folder.read_settings(folder).dense
+        if len(saved) != len(self.dense):
+            raise st_folder.FolderFormatError(f"{folder}: {len(saved)} Dense layer(s), this encoder has {len(self.dense)}")
+        for layer, sub in zip(self.dense, saved):
+            layer.load_state_dict(st_folder.read_dense(folder / sub).state_dict())
 
     def freeze_word_embeddings(self) -> None:
         """Freeze the word-embedding matrix: for mE5-small it is 82% of the parameters, and training

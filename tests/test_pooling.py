@@ -46,6 +46,11 @@ def test_embeddings_equal_sentence_transformers(tmp_path, tiny_model_dir, poolin
 
     np.testing.assert_allclose(SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(TEXTS), expected, atol=1e-5)
     np.testing.assert_allclose(Encoder.load(tmp_path / "saved").encode(TEXTS), expected, atol=1e-5)
+    fresh = Encoder.load(tmp_path / "m")  # a checkpoint restores the Dense layers too (exact resume)
+    for layer in fresh.dense:
+        torch.nn.init.zeros_(layer[0].weight)
+    fresh.load_weights(tmp_path / "saved")
+    np.testing.assert_allclose(fresh.encode(TEXTS), expected, atol=1e-5)
 
 
 def test_unsupported_modules_are_refused_by_name(tmp_path, tiny_model_dir):
