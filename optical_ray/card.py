@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from .config import DistillConfig, TeacherConfig, TrainingConfig
+from .model_store import model_revision
 
 # What the shipped starting points are, upstream.
 BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
@@ -17,6 +18,9 @@ BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
 
 def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> Path:
     base, licence = BASE_MODELS.get(cfg.student, (None, "other"))
+    revision = model_revision(cfg.student)  # a Hugging Face id: the commit it resolved to
+    if revision:
+        base = cfg.student.partition("@")[0]
     if isinstance(cfg, TeacherConfig):
         languages, title, tag, what = [cfg.data.lang], "optical-ray teacher", "caption-retrieval", teacher_summary(cfg)
     else:
@@ -28,6 +32,7 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
         "language": sorted(set(languages)),
         "license": licence,
         **({"base_model": base} if base else {}),
+        **({"base_model_revision": revision} if revision else {}),
         "library_name": "sentence-transformers",
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "feature-extraction", "optical-ray", tag],

