@@ -456,11 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     from .e5s1 import E5S1FormatError
     from .index import IndexFormatError
     from .service.auth import KeyFileError
+    from .st_folder import FolderFormatError
     from .storage import StorageError
 
     try:
         args.func(args)
-    except (ConfigError, DataError, StorageError, E5S1FormatError, IndexFormatError, KeyFileError,
+    except (ConfigError, DataError, StorageError, E5S1FormatError, FolderFormatError, IndexFormatError, KeyFileError,
             FileNotFoundError) as err:
         if args.verbose:
             logging.getLogger("optical_ray").exception("where it failed:")

@@ -34,7 +34,7 @@ from .card import write_model_card
 from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
 from .evaluate import bitext_report, evaluate, read_bitext, write_report
-from .losses import DistillationObjective, LossWeights
+from .losses import DistillationObjective, LossWeights, TeacherSpace
 from .model_store import publish
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,9 @@ def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Enco
         student.freeze_word_embeddings()
     teacher = Encoder.load(cfg.teacher, max_length=cfg.max_length).to(device).eval()
     teacher.requires_grad_(False)
+    if TeacherSpace.needed(student, teacher):
+        # A submodule of the student, so the optimiser and DDP see it; Encoder.save leaves it out.
+        student.to_teacher = TeacherSpace(student, teacher).to(device)
     return student, teacher
 
 
@@ -197,6 +200,19 @@ class Distiller(Learner):
         student, teacher = load_models(cfg, device)
         return cls(cfg, student, teacher, model=wrap(student) if wrap else None)
 
+    def state_dict(self) -> dict:
+        """The base state, and the map into a wider or narrower teacher's space (the student's saved
+        folder leaves it out), so resuming restores it exactly."""
+        state = super().state_dict()
+        if hasattr(self.student, "to_teacher"):
+            state["to_teacher"] = self.student.to_teacher.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if hasattr(self.student, "to_teacher"):
+            self.student.to_teacher.load_state_dict(state["to_teacher"])
+
     def columns(self) -> tuple[str, ...]:
         """The bitext columns a batch carries, in this order: the texts, and the token columns
         :meth:`prepare` pads (fixed when the learner is made)."""
@@ -221,6 +237,8 @@ class Distiller(Learner):
         with torch.no_grad():
             teacher_out = self.teacher(inputs["teacher"])
         out = self.model(inputs["student"])
+        if hasattr(self.student, "to_teacher"):
+            out = self.student.to_teacher(out)
         student_out, student_en = split_output(out, inputs["n"]) if self.objective.needs_student_english else (out, None)
         return self.objective(teacher_out, student_out, student_en)
 

@@ -88,6 +88,10 @@ class Encoder(nn.Module):
         path = resolve_model(name_or_path)
         model = AutoModel.from_pretrained(path, add_pooling_layer=False)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer.is_fast:
+            raise st_folder.FolderFormatError(
+                f"model {name_or_path!r}: its tokenizer ({type(tokenizer).__name__}) is a slow one, without the "
+                "character offsets the content masks need; give the folder a tokenizer.json (a fast tokenizer)")
         settings = st_folder.read_settings(path)
         if not settings.stated:
             log.warning("%s has no modules.json (a plain Hugging Face folder): encoding with mean pooling and "

@@ -6,6 +6,7 @@
 * :class:`MSEDistillationLoss` -- the embedding-regression baseline (Reimers & Gurevych 2020).
 * :class:`DistillationObjective` -- their weighted sum; every arm of an experiment is this one
   objective with different weights.
+* :class:`TeacherSpace` -- a learned map of the student's outputs into a teacher of another width.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from .encoder import EncoderOutput
+from .encoder import Encoder, EncoderOutput
 from .ot import MAX_ITER, transport_cost
 
 
@@ -103,6 +104,31 @@ class MSEDistillationLoss(nn.Module):
         with torch.autocast(student.embedding.device.type, enabled=False):
             target = teacher.embedding.detach().float()
             return F.mse_loss(student_english.embedding.float(), target) + F.mse_loss(student.embedding.float(), target)
+
+
+class TeacherSpace(nn.Module):
+    """Student outputs mapped into the space of a teacher of another width: one learned linear map for
+    token states (the OT cost compares them with the teacher's) and one for sentence embeddings (the
+    MSE target and the contrastive keys), as Reimers & Gurevych add a Dense layer when the teacher's
+    dimension differs. Trained with the student and dropped when it is saved: the student retrieves in
+    its own space (queries and documents alike); the map only served to compare it with the teacher."""
+
+    def __init__(self, student: Encoder, teacher: Encoder):
+        super().__init__()
+        s_hidden, t_hidden = student.model.config.hidden_size, teacher.model.config.hidden_size
+        self.states = nn.Linear(s_hidden, t_hidden) if s_hidden != t_hidden else nn.Identity()
+        self.embedding = nn.Linear(student.dim, teacher.dim) if student.dim != teacher.dim else nn.Identity()
+        self.normalize = teacher.normalize
+
+    def forward(self, out: EncoderOutput) -> EncoderOutput:
+        embedding = self.embedding(out.embedding)
+        if self.normalize and not isinstance(self.embedding, nn.Identity):
+            embedding = F.normalize(embedding, dim=-1)
+        return EncoderOutput(self.states(out.token_states), out.content_mask, embedding)
+
+    @staticmethod
+    def needed(student: Encoder, teacher: Encoder) -> bool:
+        return student.model.config.hidden_size != teacher.model.config.hidden_size or student.dim != teacher.dim
 
 
 @dataclass

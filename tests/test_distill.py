@@ -160,3 +160,32 @@ def test_batches_restart_mid_epoch_like_an_uninterrupted_stream(tmp_path, tiny_m
     assert [next(restarted) for _ in range(50)] == first[150:]
     with pytest.raises(ValueError, match="cannot fill one batch"):
         next(batches(pairs.slice(0, 3), 8, seed=0))
+
+
+def cls_teacher(path, tokenizer_dir, hidden=24, out=16):
+    """A tiny CLS-pooled teacher of another width (24-d states) with a Dense layer to 16-d embeddings."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    dense = torch.nn.Sequential(torch.nn.Linear(hidden, out), torch.nn.Tanh())
+    Encoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=32, pooling="cls", dense=[dense]).save(path)
+    return path
+
+
+def test_a_teacher_of_another_width_is_distilled_through_a_learned_map(tmp_path, tiny_model_dir):
+    teacher = cls_teacher(tmp_path / "teacher", tiny_model_dir)
+    assert (Encoder.load(teacher).pooling, Encoder.load(teacher).dim) == ("cls", 16)
+    cfg = tiny_config(tmp_path, tiny_model_dir, teacher, steps=4, checkpoint_every=2,
+                      loss={"ot_weight": 1.0, "contrastive_weight": 1.0, "mse_weight": 1.0})
+    result = distill(cfg, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(set(m) >= {"loss_ot", "loss_contrastive", "loss_mse"} for m in lines)
+    # The map into the teacher's space is trained and checkpointed, and the saved student leaves it out.
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_0000004" / "train_state.pt", weights_only=True)
+    assert state["to_teacher"]["states.weight"].shape == (24, 32) and state["to_teacher"]["embedding.weight"].shape == (16, 32)
+    saved = Encoder.load(result.model_dir)
+    assert saved.dim == 32 and not hasattr(saved, "to_teacher")
+    assert not any("to_teacher" in p.name for p in result.model_dir.rglob("*"))
