@@ -84,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_teacher(args: argparse.Namespace) -> None:
     from .config import TeacherConfig, load_config
-    from .teacher import report_markdown, train_teacher
+    from .teacher import report_markdown
+    from .train import train_teacher
 
     cfg = load_config(TeacherConfig, args.config, dict(args.set or []))
     _connect_ray(args)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, data, pretokenized, storage
 from .card import write_model_card
-from .config import DistillConfig, TeacherConfig, TrainingConfig, save_config
+from .config import DistillConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
 from .evaluate import bitext_report, evaluate, read_bitext, write_report
 from .losses import DistillationObjective, LossWeights, TeacherSpace
@@ -256,13 +256,6 @@ class Distiller(Learner):
         return dev_report(self.cfg, self.student, dev, progress)
 
 
-def learner_class(cfg: TrainingConfig) -> type[Learner]:
-    """The learner a config trains: a teacher config trains a caption retriever, the rest distil."""
-    from .teacher import CaptionRetrieval
-
-    return CaptionRetrieval if isinstance(cfg, TeacherConfig) else Distiller
-
-
 def split_output(out: EncoderOutput, n: int) -> tuple[EncoderOutput, EncoderOutput]:
     """The first ``n`` rows of a batched encoder output, and the rest."""
     def part(rows: slice) -> EncoderOutput:
@@ -321,17 +314,19 @@ class Reporter(Protocol):
     def report(self, metrics: dict, checkpoint: str | None) -> None: ...
 
 
-def fit(cfg: TrainingConfig, reporter: Reporter, *, rank: int = 0, world: int = 1, device: torch.device | None = None,
-        wrap: Callable[[Encoder], torch.nn.Module] | None = None, progress: bool = False) -> tuple[Encoder, dict]:
+def fit(cfg: TrainingConfig, reporter: Reporter, *, learner: type[Learner] | None = None, rank: int = 0, world: int = 1,
+        device: torch.device | None = None, wrap: Callable[[Encoder], torch.nn.Module] | None = None,
+        progress: bool = False) -> tuple[Encoder, dict]:
     """Train from the reporter's latest checkpoint (or from the start) to ``cfg.steps``.
 
-    What is trained follows from the config (:func:`learner_class`): distillation, or a teacher.
+    ``learner`` is what is trained (default :class:`Distiller`; e.g.
+    :class:`optical_ray.teacher.CaptionRetrieval` for a teacher).
     Every worker runs this with its ``rank`` of ``world``; ``wrap`` makes the forward model (DDP).
     Returns (student, dev report of the last step); the report is {} on ranks other than 0.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)  # the same initial weights everywhere (DDP also broadcasts them)
-    learner = learner_class(cfg).create(cfg, device, wrap)
+    learner = (learner or Distiller).create(cfg, device, wrap)
     student = learner.student
     report: dict = {}
     with reporter.resume_from() as folder:
@@ -419,16 +414,16 @@ class LocalRun:
             self.on_metrics(metrics)
 
 
-def distill(cfg: TrainingConfig, progress: bool = True,
-            on_metrics: Callable[[dict], None] | None = None) -> DistillResult:
-    """:func:`fit` in this process, resuming from ``output_dir/checkpoints`` when a run of the same
+def distill(cfg: TrainingConfig, progress: bool = True, on_metrics: Callable[[dict], None] | None = None,
+            learner: type[Learner] | None = None) -> DistillResult:
+    """:func:`fit` of ``learner`` (default :class:`Distiller`) in this process, resuming from ``output_dir/checkpoints`` when a run of the same
     config stopped there; then publish the student as a new version under ``output_dir/student`` (its
     ``LATEST`` names it; any model argument accepts the root), the dev report to ``output_dir/dev``,
     the config and ``metrics.jsonl``."""
     out = Path(cfg.output_dir)
     run = LocalRun(cfg, on_metrics)
     save_config(cfg, out / "config.yaml")
-    student, report = fit(cfg, run, progress=progress)
+    student, report = fit(cfg, run, learner=learner, progress=progress)
     write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
     with tempfile.TemporaryDirectory() as staging:
         folder = student.save(Path(staging) / "student")

@@ -24,7 +24,6 @@ nothing is trained or chosen on them; they stay in the test sets.
 
 from __future__ import annotations
 
-import base64
 import copy
 import hashlib
 import json
@@ -32,7 +31,6 @@ import logging
 import math
 import shutil
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import data
+from .arms import ARMS, check_arms
 from .config import (
     TASK_TRAINED,
     DistillConfig,
@@ -54,7 +53,8 @@ from .config import (
 from .distill import dev_metrics
 from .encoder import Encoder
 from .evaluate import COMPARISON_MAX_LENGTH, rank_queries
-from .losses import LossWeights
+from .metrics import pack_ranks
+from .reports import write_results
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +62,6 @@ log = logging.getLogger(__name__)
 # (other CPU kernels): its dev R@1 may move this much -- 7 of the 1,500 dev queries -- and it is still
 # the recorded teacher.
 TEACHER_REBUILD_TOLERANCE = 0.005
-
-
-@dataclass(frozen=True)
-class Arm:
-    label: str
-    weights: LossWeights | None  # None: the undistilled student
-    knobs: tuple[str, ...] = ()  # what its sweep tunes (optical_ray.tune.KNOBS)
-
-
-# The arms, in report order. A new arm is one line here.
-ARMS = {
-    "none": Arm("(0) none", None),
-    "mse": Arm("(1) MSE", LossWeights(ot=0.0, contrastive=0.0, mse=1.0), ("lr",)),
-    "ot": Arm("(2) OT", LossWeights(ot=1.0, contrastive=0.0, mse=0.0), ("lr", "sinkhorn_reg")),
-    "ot+contrastive": Arm("(3) OT + contrastive", LossWeights(ot=1.0, contrastive=1.0, mse=0.0),
-                          ("lr", "sinkhorn_reg", "temperature", "ot_weight")),
-    "contrastive": Arm("(4) contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=0.0), ("lr", "temperature")),
-    "mse+contrastive": Arm("(5) MSE + contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=1.0),
-                           ("lr", "temperature")),
-}
-
-
-def check_arms(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in ARMS]
-    if unknown:
-        raise ValueError(f"unknown arm(s) {', '.join(unknown)} (known: {', '.join(ARMS)})")
-    return names
 
 
 def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params: dict | None = None,
@@ -137,17 +110,6 @@ def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
 def config_key(value: dict) -> str:
     """A short, stable hash of a config: records are reused only for exactly the same run."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-# Ranks travel in the records compactly: uint32, 0 for "never found" (inf), zlib, base64.
-def pack_ranks(ranks: np.ndarray) -> str:
-    values = np.where(np.isfinite(ranks), ranks, 0).astype("<u4")
-    return base64.b64encode(zlib.compress(values.tobytes(), 9)).decode()
-
-
-def unpack_ranks(packed: str) -> np.ndarray:
-    values = np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype="<u4").astype(float)
-    return np.where(values == 0, np.inf, values)
 
 
 @dataclass
@@ -328,7 +290,7 @@ class Runner:
     def task_teacher(self) -> dict:
         """Train (or find recorded) the experiment's own teacher: ``teacher_training`` with its output
         under ``out_dir``. The record holds its before/after report and where the model is."""
-        from .teacher import train_teacher
+        from .train import train_teacher
 
         teacher_cfg, key, path = self.teacher_config()
         model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
@@ -411,7 +373,6 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
     Last, the curves, with the teacher the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far.
     ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials."""
-    from .reports import write_results
 
     check_arms(cfg.arms)
     tests = load_test_sets(cfg)

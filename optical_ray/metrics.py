@@ -8,6 +8,9 @@ rule would credit a query with a hit it cannot tell from a miss.
 
 from __future__ import annotations
 
+import base64
+import zlib
+
 import numpy as np
 
 
@@ -102,3 +105,14 @@ def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, 
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+# Ranks travel in the records compactly: uint32, 0 for "never found" (inf), zlib, base64.
+def pack_ranks(ranks: np.ndarray) -> str:
+    values = np.where(np.isfinite(ranks), ranks, 0).astype("<u4")
+    return base64.b64encode(zlib.compress(values.tobytes(), 9)).decode()
+
+
+def unpack_ranks(packed: str) -> np.ndarray:
+    values = np.frombuffer(zlib.decompress(base64.b64decode(packed)), dtype="<u4").astype(float)
+    return np.where(values == 0, np.inf, values)

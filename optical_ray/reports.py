@@ -21,13 +21,14 @@ import numpy as np
 import torch
 
 from . import metrics
+from .arms import ARMS
 from .config import TASK_TRAINED, ExperimentConfig
+from .metrics import unpack_ranks
 
 GAP_KINDS = {"abs": metrics.resource_gap, "rel": metrics.relative_error_gap}
 
 
 def arm_label(arm: str) -> str:
-    from .experiment import ARMS
 
     return ARMS[arm].label
 
@@ -64,7 +65,6 @@ def image_draws(test, n_resamples: int) -> tuple[np.ndarray, dict[str, np.ndarra
 def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[str, np.ndarray]
                 ) -> tuple[dict, dict[str, np.ndarray]]:
     """One arm's runs (its seeds) on one test set: (summary, bootstrap draws of every gap)."""
-    from .experiment import unpack_ranks
 
     ranks = {lang: np.stack([unpack_ranks(r["tests"][spec.name][lang]) for r in runs]) for lang in spec.query_langs}
     recall_draws = {lang: metrics.weighted_recall(r <= 1, query_index[lang], weights) for lang, r in ranks.items()}
@@ -424,7 +424,6 @@ def teacher_markdown(results: dict) -> list[str]:
 
 def knob_table(arms: dict) -> list[str]:
     """Each arm's swept knobs, the values its sweep chose and its runs' mean dev scores."""
-    from .experiment import ARMS
 
     lines = ["| arm | knobs swept | chosen | dev objective inputs (mean over seeds) |", "|---|---|---|---|"]
     for arm, info in arms.items():

@@ -11,20 +11,19 @@ the other as a passage, as retrieval will use them -- and the other pairs of the
 negatives (symmetric InfoNCE, gathered across workers: :func:`optical_ray.losses.info_nce`). Images of
 the dev set and of every ``data.exclude_images_from`` table never enter training.
 
-:func:`train_teacher` trains on Ray Train and reports R@1 before and after on the dev set and every
+:func:`optical_ray.train.train_teacher` trains it on Ray Train and reports R@1 before and after on the dev set and every
 test set, semantic protocol: each caption retrieves its image through the image's *other* captions.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from . import data, metrics, storage
+from . import data, metrics
 from .config import TeacherConfig
 from .distill import Learner, split_output
 from .encoder import Encoder
@@ -132,18 +131,3 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['n_queries']} | {s['before']['R@1']:.3f} | {s['after']['R@1']:.3f} | "
                      f"{change:+.3f} [{lo:+.3f}, {hi:+.3f}] | {s['after']['R@5']:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def train_teacher(cfg: TeacherConfig) -> tuple[str, dict]:
-    """Train on the connected Ray cluster (resuming an interrupted run of the same config), publish the
-    teacher under ``output_dir/student``, and write ``output_dir/teacher_report.{json,md}``. Returns
-    (the teacher's location, the report)."""
-    from .train import run_training
-
-    trained = str(run_training(cfg))
-    report = before_and_after(cfg, cfg.student, trained)
-    storage.write_bytes((json.dumps(report, indent=1) + "\n").encode(), storage.join(cfg.output_dir, "teacher_report.json"))
-    storage.write_bytes(report_markdown(report).encode(), storage.join(cfg.output_dir, "teacher_report.md"))
-    log.info("teacher saved to %s", trained)
-    return trained, report
-

@@ -26,10 +26,10 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from . import checkpoints, data, storage
+from . import checkpoints, data, storage, teacher
 from .card import write_model_card
 from .config import ConfigError, DistillConfig, TeacherConfig, TrainingConfig, load_config, to_dict, with_absolute_paths
-from .distill import fit
+from .distill import Distiller, fit
 from .encoder import Encoder
 from .evaluate import write_report
 from .model_store import check_model, publish
@@ -49,19 +49,20 @@ class RayTrainReport:
                          checkpoint_dir_name=f"step_{metrics['step']:07d}")
 
 
-# What a worker's config dict is (train_loop_config["schema"]); the schema decides what fit trains.
-SCHEMAS = {cls.__name__: cls for cls in (DistillConfig, TeacherConfig)}
+# What a worker's config dict is (train_loop_config["schema"]), and the learner that schema trains.
+SCHEMAS = {"DistillConfig": (DistillConfig, Distiller), "TeacherConfig": (TeacherConfig, teacher.CaptionRetrieval)}
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker. ``config["distill"]`` is a training config as a dict, of the
     schema ``config["schema"]`` (default DistillConfig)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # e.g. "resumed from step"
-    cfg = load_config(SCHEMAS[config.get("schema", "DistillConfig")], config["distill"])
+    schema, learner = SCHEMAS[config.get("schema", "DistillConfig")]
+    cfg = load_config(schema, config["distill"])
     context = ray.train.get_context()
     if not cfg.ray.use_gpu:
         torch.set_num_threads(cfg.ray.torch_threads or max(1, int(cfg.ray.cpus_per_worker)))
-    fit(cfg, RayTrainReport(), rank=context.get_world_rank(), world=context.get_world_size(),
+    fit(cfg, RayTrainReport(), learner=learner, rank=context.get_world_rank(), world=context.get_world_size(),
         device=ray.train.torch.get_device(),
         wrap=lambda student: ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False}))
 
@@ -124,3 +125,15 @@ def export_student(cfg: TrainingConfig, checkpoint: Checkpoint) -> str:
             shutil.rmtree(dev, ignore_errors=True)
             shutil.copytree(Path(staging) / "dev", dev)
         return publish(local, storage.join(cfg.output_dir, "student"))
+
+
+def train_teacher(cfg: TeacherConfig) -> tuple[str, dict]:
+    """Train on the connected Ray cluster (resuming an interrupted run of the same config), publish the
+    teacher under ``output_dir/student``, and write ``output_dir/teacher_report.{json,md}``. Returns
+    (the teacher's location, the report)."""
+    trained = str(run_training(cfg))
+    report = teacher.before_and_after(cfg, cfg.student, trained)
+    storage.write_bytes((json.dumps(report, indent=1) + "\n").encode(), storage.join(cfg.output_dir, "teacher_report.json"))
+    storage.write_bytes(teacher.report_markdown(report).encode(), storage.join(cfg.output_dir, "teacher_report.md"))
+    log.info("teacher saved to %s", trained)
+    return trained, report

@@ -9,17 +9,11 @@ import pyarrow.compute as pc
 import pytest
 from conftest import REPO
 
+from optical_ray.arms import ARMS
 from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config
 from optical_ray.distill import load_bitext
-from optical_ray.experiment import (
-    ARMS,
-    arm_config,
-    config_key,
-    pack_ranks,
-    sweep_config,
-    training_fields,
-    unpack_ranks,
-)
+from optical_ray.experiment import arm_config, config_key, sweep_config, training_fields
+from optical_ray.metrics import pack_ranks, unpack_ranks
 from optical_ray.reports import group_r1
 
 

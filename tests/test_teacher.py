@@ -82,7 +82,7 @@ def test_the_bf16_path_runs_under_cpu_autocast(tiny_model_dir):
 def test_a_teacher_trains_in_one_process_and_says_what_it_is(tmp_path, tiny_model_dir):
     cfg = load_config(TeacherConfig, {"student": str(tiny_model_dir), "output_dir": str(tmp_path / "teacher"),
                                       "steps": 4, "batch_size": 8, "log_every": 2, "max_length": 32})
-    result = distill(cfg, progress=False)
+    result = distill(cfg, progress=False, learner=CaptionRetrieval)
     assert set(result.dev_report["languages"]) == {"en"}
     assert result.dev_report["languages"]["en"]["n_queries"] == 1500  # 300 dev images x 5 captions
     front = yaml.safe_load((result.model_dir / "README.md").read_text().split("---\n")[1])
