@@ -48,6 +48,24 @@ def tiny_teacher_dir(tmp_path_factory, student_init_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-teacher") / "model", student_init_dir, seed=1)
 
 
+@pytest.fixture(scope="session")
+def cls_teacher_dir(tmp_path_factory, student_init_dir) -> Path:
+    """A tiny CLS-pooled teacher of another width (24-d states) with a Dense layer to 16-d embeddings."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from optical_ray.encoder import Encoder
+
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(student_init_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    dense = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Tanh())
+    path = tmp_path_factory.mktemp("cls-teacher") / "model"
+    Encoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=32, pooling="cls", dense=[dense]).save(path)
+    return path
+
+
 def make_tiny_model(path: Path, tokenizer_dir: Path, seed: int) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel

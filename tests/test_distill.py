@@ -162,21 +162,8 @@ def test_batches_restart_mid_epoch_like_an_uninterrupted_stream(tmp_path, tiny_m
         next(batches(pairs.slice(0, 3), 8, seed=0))
 
 
-def cls_teacher(path, tokenizer_dir, hidden=24, out=16):
-    """A tiny CLS-pooled teacher of another width (24-d states) with a Dense layer to 16-d embeddings."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(3)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
-    dense = torch.nn.Sequential(torch.nn.Linear(hidden, out), torch.nn.Tanh())
-    Encoder(BertModel(config, add_pooling_layer=False), tokenizer, max_length=32, pooling="cls", dense=[dense]).save(path)
-    return path
-
-
-def test_a_teacher_of_another_width_is_distilled_through_a_learned_map(tmp_path, tiny_model_dir):
-    teacher = cls_teacher(tmp_path / "teacher", tiny_model_dir)
+def test_a_teacher_of_another_width_is_distilled_through_a_learned_map(tmp_path, tiny_model_dir, cls_teacher_dir):
+    teacher = cls_teacher_dir
     assert (Encoder.load(teacher).pooling, Encoder.load(teacher).dim) == ("cls", 16)
     cfg = tiny_config(tmp_path, tiny_model_dir, teacher, steps=4, checkpoint_every=2,
                       loss={"ot_weight": 1.0, "contrastive_weight": 1.0, "mse_weight": 1.0})

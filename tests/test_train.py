@@ -78,3 +78,14 @@ def test_a_run_resumed_with_another_config_is_refused_before_any_worker_starts(r
     cfg.ray.num_workers, cfg.teacher = 4, f"s3://{s3['bucket']}/teachers/absent"
     with pytest.raises(FileNotFoundError, match=rf"s3://{s3['bucket']}/teachers/absent.*no config.json"):
         run_training(cfg)
+
+
+@pytest.mark.timeout(600)
+def test_a_cls_teacher_of_another_width_distils_on_two_ray_train_workers(ray_cluster, s3, s3_bitext, tiny_model_dir,
+                                                                         cls_teacher_dir):
+    """DDP over two workers trains the student with its map into the 24-d/16-d teacher's space."""
+    cfg = tiny_ray_config(tiny_model_dir, cls_teacher_dir, s3["bucket"], "wide-teacher")
+    cfg.steps, cfg.loss.mse_weight = 4, 1.0
+    student = Encoder.load(str(run_training(cfg)))
+    assert student.dim == 32 and student.pooling == "mean"  # the student keeps its own space
+    assert student.encode(["Ein Hund rennt."]).shape == (1, 32)
