@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from optical_ray.config import DistillConfig, load_config
-from optical_ray.data import batches
-from optical_ray.distill import Distiller, load_bitext, load_models, prefetched
+from optical_ray.distill import Distiller, load_bitext, load_models, prefetched, training_batches
 from optical_ray.encoder import Encoder
 from optical_ray.losses import LossWeights
 from optical_ray.model_store import E5_PROMPTS
@@ -78,49 +77,64 @@ def step_flops(config, translation: dict, english: dict, needs_student_english: 
     return 3 * student + flops(english)
 
 
-def measure_distill(model_dir: Path, arm: str, batch_size: int, device: torch.device, seconds: float) -> dict:
+def measure_distill(model_dir: Path, arm: str, batch_size: int, device: torch.device, seconds: float,
+                    prepared: str | None = None, length_buckets: int = 0) -> dict:
+    """Training steps/s of one arm at one batch size, fed as the training loop feeds them: from
+    ``prepared`` shards (token columns: the CPU only pads) or from texts (tokenised on the CPU), the
+    next batch readied in a background thread while the GPU steps."""
     weights = ARMS[arm]
     cfg = load_config(DistillConfig, {"student": str(model_dir), "teacher": str(model_dir), "batch_size": batch_size,
-                                      "steps": 1000, "bf16": True,
+                                      "steps": 1000, "bf16": True, "length_buckets": length_buckets,
+                                      "data": {"bitext": prepared} if prepared else {},
                                       "loss": {"ot_weight": weights.ot, "contrastive_weight": weights.contrastive,
                                                "mse_weight": weights.mse}})
     student, teacher = load_models(cfg, device)
     distiller = Distiller(cfg, student, teacher)
-    stream = batches(load_bitext(cfg), batch_size, seed=0)
+    stream = training_batches(cfg, 0, columns=distiller.columns())
     for _ in range(3):  # warm-up: kernels, allocator
-        distiller.step(*next(stream))
+        batch = next(stream)
+        distiller.step(batch[0], batch[1], distiller.prepare(*batch))
     # The batches and their FLOPs first, so the timed loop holds nothing but training steps.
     planned = [next(stream) for _ in range(max(3, int(seconds * 4000 / batch_size)))]
-    # As the training loop runs them: each batch tokenised ahead in a background thread.
     ahead = prefetched(itertools.chain(planned, itertools.repeat(planned[-1])), distiller.prepare)
     sync(device)
     steps, started = 0, time.perf_counter()
     while steps < len(planned) and (time.perf_counter() - started < seconds or steps < 3):
-        (english, translation), inputs = next(ahead)
-        distiller.step(english, translation, inputs)
+        batch, inputs = next(ahead)
+        distiller.step(batch[0], batch[1], inputs)
         steps += 1
     sync(device)
     ahead.close()
     elapsed = time.perf_counter() - started
-    flops = sum(step_flops(student.model.config, student.tokenize(translation, "query"),
-                           student.tokenize(english, "passage"), bool(weights.mse)) for english, translation in planned[:steps])
+    flops = sum(step_flops(student.model.config, student.tokenize(b[1], "query"),
+                           student.tokenize(b[0], "passage"), bool(weights.mse)) for b in planned[:steps])
     start = time.perf_counter()
-    for english, translation in planned[:steps]:  # what the step tokenizes, on the CPU
-        teacher.tokenize(english, "passage")
-        student.tokenize(translation + english if weights.mse else translation,
-                         ["query"] * len(translation) + ["passage"] * len(english) if weights.mse else "query")
-    tokenize_s = (time.perf_counter() - start) / steps
-    out = {"arm": arm, "batch_size": batch_size, "steps": steps, "step_s": elapsed / steps,
+    for batch in planned[:steps]:  # what the CPU readies per step (prefetched: hidden while it is shorter)
+        distiller.prepare(*batch)
+    prepare_s = (time.perf_counter() - start) / steps
+    out = {"arm": arm, "batch_size": batch_size, "supply": "prepared" if prepared else "texts",
+           "length_buckets": length_buckets, "steps": steps, "step_s": elapsed / steps,
            "pairs_per_s": steps * batch_size / elapsed, "model_tflops_per_s": flops / elapsed / 1e12,
            "gflops_per_pair": flops / (steps * batch_size) / 1e9,
-           "tokenize_s_per_step": tokenize_s, "tokenize_share_of_step": tokenize_s / (elapsed / steps),
-           "tokenize_prefetched": True}
+           "prepare_s_per_step": prepare_s, "prepare_share_of_step": prepare_s / (elapsed / steps), "prefetched": True}
     if weights.ot:
-        out["ot_share_of_step"] = time_ot(student, teacher, english, translation, cfg, device) / out["step_s"]
+        out["ot_share_of_step"] = time_ot(student, teacher, planned[-1][0], planned[-1][1], cfg, device) / out["step_s"]
     del distiller, student, teacher
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def prepare_shards(model_dir: Path, folder: Path, max_length: int = 64) -> str:
+    """The bundled sample's bitext with the model's token columns, as `data prepare --tokenize-for`
+    writes it: what a GPU run should train on."""
+    from optical_ray.data import write_bitext_shards
+    from optical_ray.pretokenized import tokenize_for
+
+    pairs = load_bitext(load_config(DistillConfig, {}))
+    pairs, tokens = tokenize_for(pairs, [str(model_dir)], max_length)
+    write_bitext_shards(pairs, str(folder), tokens=tokens)
+    return str(folder)
 
 
 def time_ot(student: Encoder, teacher: Encoder, english: list[str], translation: list[str], cfg, device) -> float:
@@ -244,6 +258,10 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="distillation arms to time (comma-separated)")
     parser.add_argument("--sizes", default="32,256,1024", help="batch sizes to time (comma-separated)")
     parser.add_argument("--distill-only", action="store_true", help="skip numerics, encoding and search")
+    parser.add_argument("--supply", default="prepared,texts",
+                        help="how batches reach the step: prepared (token columns from data prepare --tokenize-for, "
+                             "the CPU pads) and/or texts (tokenised on the CPU)")
+    parser.add_argument("--length-buckets", type=int, default=8, help="length_buckets of the prepared runs (0: none)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -269,14 +287,15 @@ def main() -> None:
         sizes = (8,) if args.tiny else tuple(int(b) for b in args.sizes.split(","))
         result["tokenizers_parallelism"] = os.environ.get("TOKENIZERS_PARALLELISM", "")
         result["distill"] = []
-        for arm in args.arms.split(","):
-            for batch_size in sizes:
-                row = measure_distill(model_dir, arm, batch_size, device, 0.5 if args.tiny else args.seconds)
-                if peak:
-                    row["mfu"] = row["model_tflops_per_s"] * 1e12 / peak
-                result["distill"].append(row)
-                print(json.dumps(row), flush=True)
-                save()
+        shards = prepare_shards(model_dir, Path(tmp) / "bitext") if "prepared" in args.supply else None
+        settings = [(shards, args.length_buckets) if supply == "prepared" else (None, 0) for supply in args.supply.split(",")]
+        for arm, batch_size, (prepared, buckets) in itertools.product(args.arms.split(","), sizes, settings):
+            row = measure_distill(model_dir, arm, batch_size, device, 0.5 if args.tiny else args.seconds, prepared, buckets)
+            if peak:
+                row["mfu"] = row["model_tflops_per_s"] * 1e12 / peak
+            result["distill"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
         if args.distill_only:
             return
         result["bf16_numerics"] = bf16_agreement(model_dir, device)

@@ -52,6 +52,14 @@ def test_search_recall_against_exact_on_cpu():
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
 
+def test_both_supplies_feed_the_timed_steps_on_cpu(tiny_model_dir, tmp_path):
+    shards = gpu_check.prepare_shards(tiny_model_dir, tmp_path / "bitext", max_length=32)
+    rows = [gpu_check.measure_distill(tiny_model_dir, "mse", 8, torch.device("cpu"), 0.2, prepared, buckets)
+            for prepared, buckets in ((shards, 4), (None, 0))]
+    assert [r["supply"] for r in rows] == ["prepared", "texts"] and all(r["steps"] >= 3 for r in rows)
+    assert all(r["prepare_s_per_step"] > 0 and r["gflops_per_pair"] > 0 for r in rows)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_distillation_on_the_gpu(tiny_model_dir):
     row = gpu_check.measure_distill(tiny_model_dir, "ot+contrastive", 8, torch.device("cuda"), seconds=0.5)
