@@ -25,12 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import storage
+from . import data, storage
 from .config import ConfigError, DistillConfig, portable_paths, training_fields
 
 TRAIN_STATE = "train_state.pt"
 RUN_CONFIG = "run.json"
 DEV_REPORT = "dev_report.json"
+# The claim's fingerprint of prepared bitext (data.bitext_fingerprint): the same URI prepared again is
+# other data, and a resumed run must not change data under its checkpoints.
+BITEXT_CONTENT = "bitext_content"
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -68,10 +71,18 @@ def claim(run_uri: str, cfg: DistillConfig) -> None:
     """Mark ``run_uri`` (a run's folder, local or s3://) as holding a run of ``cfg``, or -- when it already
     holds one -- check that it is the same run, so that resuming never mixes two configs."""
     marker = storage.join(run_uri, RUN_CONFIG)
+    content = data.bitext_fingerprint(cfg.data.bitext) if getattr(cfg.data, "bitext", None) else None
     if storage.exists(marker):
-        check_same_run(json.loads(storage.read_bytes(marker)), cfg, run_uri)
+        saved = json.loads(storage.read_bytes(marker))
+        before = saved.pop(BITEXT_CONTENT, None)  # runs claimed before fingerprints have none
+        check_same_run(saved, cfg, run_uri)
+        if before and content and before != content:
+            raise ConfigError(f"{run_uri} holds a run on other data: the bitext at {cfg.data.bitext} was prepared again "
+                              f"since it started (content {before[:12]} -> {content[:12]}); resuming would train on "
+                              "other pairs than the checkpoints did. Start a new run (another output_dir / ray.name)")
     else:
-        storage.write_bytes(json.dumps(training_fields(cfg), sort_keys=True).encode(), marker)
+        fields = training_fields(cfg) | ({BITEXT_CONTENT: content} if content else {})
+        storage.write_bytes(json.dumps(fields, sort_keys=True).encode(), marker)
 
 
 def check_same_run(saved: dict, cfg: DistillConfig, where: str) -> None:

@@ -8,6 +8,8 @@ English caption it translates, keeps evaluation images out, and accounts for eve
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 from collections import Counter
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import languages, storage
 
@@ -217,14 +220,18 @@ def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_
     without it holds an unfinished preparation and is refused, and parts it does not list -- left
     there by an earlier, larger preparation -- are never read."""
     storage.delete(storage.join(out_uri, PREPARED_MARKER))
-    paths = []
+    paths, digests = [], {}
     for i, start in enumerate(range(0, max(pairs.num_rows, 1), rows_per_shard)):
         path = storage.join(out_uri, f"part-{i:05d}.parquet")
-        storage.write_parquet(pairs.slice(start, rows_per_shard), path)
+        buffer = io.BytesIO()
+        pq.write_table(pairs.slice(start, rows_per_shard), buffer, compression="zstd")
+        storage.write_bytes(buffer.getvalue(), path)
+        digests[path.rsplit("/", 1)[-1]] = hashlib.sha256(buffer.getvalue()).hexdigest()
         paths.append(path)
     langs, counts = np.unique(pairs["lang"].to_numpy(zero_copy_only=False), return_counts=True)
     marker = {"parts": [p.rsplit("/", 1)[-1] for p in paths], "rows": pairs.num_rows,
-              "pairs_per_language": {str(lang): int(n) for lang, n in zip(langs, counts)}, "tokens": tokens or {}}
+              "pairs_per_language": {str(lang): int(n) for lang, n in zip(langs, counts)}, "tokens": tokens or {},
+              "sha256": digests}
     storage.write_bytes((json.dumps(marker, indent=1) + "\n").encode(), storage.join(out_uri, PREPARED_MARKER))
     return paths
 
@@ -247,6 +254,12 @@ def check_bitext_shards(uri: str) -> list[str]:
         if missing:
             raise DataError(f"{path}: not a bitext shard, missing column(s) {', '.join(missing)}")
     return files
+
+
+def bitext_fingerprint(uri: str) -> str:
+    """What a finished preparation holds, as one digest: the SHA-256 of its ``_SUCCESS.json``, which
+    lists every part with its own SHA-256 (older preparations: their parts and row counts)."""
+    return hashlib.sha256(storage.read_bytes(storage.join(uri, PREPARED_MARKER))).hexdigest()
 
 
 def prepared_tokens(uri: str) -> dict[str, dict]:

@@ -176,3 +176,19 @@ def test_a_teacher_of_another_width_is_distilled_through_a_learned_map(tmp_path,
     saved = Encoder.load(result.model_dir)
     assert saved.dim == 32 and not hasattr(saved, "to_teacher")
     assert not any("to_teacher" in p.name for p in result.model_dir.rglob("*"))
+
+
+def test_a_run_refuses_to_resume_on_bitext_prepared_again(tmp_path, tiny_model_dir, tiny_teacher_dir):
+    from optical_ray.config import SAMPLE_DIR
+    from optical_ray.prepare import prepare_bitext
+
+    bitext = str(tmp_path / "bitext")
+    captions = [str(SAMPLE_DIR / "train_captions.parquet")]
+    prepare_bitext(bitext, captions=captions, languages=["de", "qu"])
+    cfg = tiny_config(tmp_path, tiny_model_dir, tiny_teacher_dir, steps=2, checkpoint_every=2,
+                      data={"bitext": bitext, "dev_languages": ["de", "qu"]})
+    distill(cfg, progress=False)
+    distill(cfg, progress=False)  # the same data: resumes (nothing left to train)
+    prepare_bitext(bitext, captions=captions, languages=["de", "ay"])  # the same URI, other pairs
+    with pytest.raises(ConfigError, match=r"holds a run on other data: the bitext at .*bitext was prepared again"):
+        distill(cfg, progress=False)
