@@ -36,7 +36,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 from tqdm.auto import tqdm
 
-from . import checkpoints, storage
+from . import checkpoints, data, storage
 from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
 from .distill import fit
 from .ot import MIN_REG
@@ -117,7 +117,13 @@ def sweep_terms(cfg: SweepConfig) -> dict:
     terms.update(objective=cfg.objective, scheduler=cfg.scheduler, grace_period=cfg.grace_period,
                  reduction_factor=cfg.reduction_factor, num_samples=cfg.num_samples, seed=cfg.seed)
     terms.update({"distill.steps": cfg.distill.steps, "distill.eval_every": cfg.distill.eval_every})
+    if cfg.distill.data.bitext:  # prepared again under the same URI, it is other data
+        terms[BITEXT_CONTENT] = data.bitext_fingerprint(cfg.distill.data.bitext)
     return terms
+
+
+# A term records of older sweeps lack: compared only where the record has it.
+BITEXT_CONTENT = "distill.data.bitext_content"
 
 
 def refuse_changed_sweep(cfg: SweepConfig) -> None:
@@ -128,7 +134,8 @@ def refuse_changed_sweep(cfg: SweepConfig) -> None:
         return  # a sweep from before these records: nothing to compare
     started = json.loads(storage.read_bytes(record))
     now = json.loads(json.dumps(sweep_terms(cfg)))  # the same types as read back
-    changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
+    changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k)
+                     and (k in started or k != BITEXT_CONTENT))
     if changed:
         raise ConfigError(f"tune --resume: the sweep at {storage.join(cfg.storage_path, cfg.name)} was started with other "
                           "terms: " + ", ".join(f"{k} {started.get(k)!r} -> {now.get(k)!r}" for k in changed)

@@ -85,3 +85,20 @@ def test_sweep_config_errors_name_the_key(tiny_model_dir):
         make_tuner(load_config(SweepConfig, {"search": {"sinkhorn_reg": [0.001, 0.1]}, "distill": {"eval_every": 5}}))
     with pytest.raises(ConfigError, match="eval_every must be > 0 for ASHA"):
         make_tuner(load_config(SweepConfig, {}))
+
+
+def test_a_sweep_refuses_to_resume_on_bitext_prepared_again(tmp_path):
+    from optical_ray.config import SAMPLE_DIR, SweepConfig
+    from optical_ray.prepare import prepare_bitext
+    from optical_ray.tune import SWEEP_RECORD, refuse_changed_sweep, sweep_terms
+
+    bitext, captions = str(tmp_path / "bitext"), [str(SAMPLE_DIR / "train_captions.parquet")]
+    prepare_bitext(bitext, captions=captions, languages=["de", "qu"])
+    cfg = load_config(SweepConfig, {"storage_path": str(tmp_path / "tune"), "name": "s",
+                                    "distill": {"data": {"bitext": bitext}}})
+    (tmp_path / "tune" / "s").mkdir(parents=True)
+    (tmp_path / "tune" / "s" / SWEEP_RECORD).write_text(json.dumps(sweep_terms(cfg)))
+    refuse_changed_sweep(cfg)  # the same data: goes on
+    prepare_bitext(bitext, captions=captions, languages=["de", "ay"])
+    with pytest.raises(ConfigError, match=r"started with other terms: distill.data.bitext_content '[0-9a-f]+' -> '[0-9a-f]+'"):
+        refuse_changed_sweep(cfg)
