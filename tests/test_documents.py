@@ -52,9 +52,6 @@ def test_a_collection_is_indexed_and_searched_with_a_filter(tmp_path, ray_cluste
     langs = set(read_documents(corpus, "doc", "body")["lang"].to_pylist())
     assert len(langs) == 11 and set(flat["filtered_recall_at_10_vs_exact"]["lang"]) == langs
     assert all(r == 1.0 for r in flat["filtered_recall_at_10_vs_exact"]["lang"].values())  # Flat + selector: exact
-    hnsw = build_document_index(str(tiny_model_dir), corpus, str(tmp_path / "hnsw"), "HNSW32", id_field="doc",
-                                text_field="body", sample_queries=50)
-    assert 0.5 <= min(hnsw["filtered_recall_at_10_vs_exact"]["lang"].values()) <= 1.0
 
     served = Searchable(load_index(str(tmp_path / "flat")))
     queries = Encoder.load(str(tiny_model_dir)).encode(["Ein Hund rennt.", "A dog runs."], "query")
@@ -74,3 +71,20 @@ def test_a_collection_is_indexed_and_searched_with_a_filter(tmp_path, ray_cluste
         served.search(queries[:1], 5, {"language": "de"})
     with pytest.raises(DataError, match=r"no field 'id' \(fields: doc, body, lang, shard\)"):
         build_document_index(str(tiny_model_dir), corpus, str(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("factory", ["HNSW32", "IVF16,Flat"])
+def test_approximate_indexes_filter_inside_faiss(factory):
+    """Selective filters are scored exactly (at most EXACT_FILTER_ROWS rows) or walked wider; either way
+    every hit matches and the filtered recall is measured (bench/RESULTS.md has it at 1M vectors)."""
+    from optical_ray.index import build_index, filtered_recall_vs_exact, filtered_search
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((50, 16)).astype(np.float32)
+    vectors = centers[rng.integers(0, 50, 3000)] + 0.3 * rng.standard_normal((3000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = build_index(vectors, factory, use_gpu=False)
+    rows = np.flatnonzero(rng.random(3000) < 0.1)
+    _, found = filtered_search(index, vectors[:20], 10, rows)
+    assert set(found[found >= 0].tolist()) <= set(rows.tolist())
+    assert 0.5 <= filtered_recall_vs_exact(index, vectors, vectors[:20], rows) <= 1.0
