@@ -15,8 +15,10 @@ from ir-measures (pytrec_eval underneath), not from code of ours; the search is 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import ir_measures
 import numpy as np
@@ -146,3 +148,12 @@ def report_markdown(report: dict, title: str) -> str:
         lines.append(f"Gap (mean nDCG@10 of {', '.join(gap['high'])} minus {', '.join(gap['low'])}): "
                      f"**{gap['value']:.3f}** [95% bootstrap over queries: {lo:.3f}, {hi:.3f}]")
     return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: str, title: str) -> Path:
+    """report.json and report.md (the table) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(report_markdown(report, title))
+    return out

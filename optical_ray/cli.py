@@ -12,9 +12,6 @@ def _csv(value: str) -> list[str]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from . import beir
     from .data import DataError, check_languages, read_captions
     from .encoder import Encoder
@@ -25,10 +22,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.beir:
         report = beir.evaluate(encoder, args.beir, args.query_langs and check_languages(args.query_langs, "--query-langs"),
                                high, low, args.split, args.batch_size)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (out / "report.md").write_text(beir.report_markdown(report, f"{args.model}: {args.beir}"))
+        out = beir.write_report(report, args.out, f"{args.model}: {args.beir}")
         print((out / "report.md").read_text())
         print(f"report: {out / 'report.json'}")
         return
