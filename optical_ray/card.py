@@ -1,5 +1,5 @@
 """The model card a saved student carries: README.md with Hugging Face front matter (languages, licence,
-base model, ``pipeline_tag: sentence-similarity``, and the per-language R@1 of its last evaluation as
+base model, ``pipeline_tag: sentence-similarity``, and the per-language dev measure of its last evaluation as
 ``model-index``), as sentence-transformers' saved models do, so a hub or a reader knows what it is."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import yaml
 
 from .config import DistillConfig, TeacherConfig, TrainingConfig
 from .model_store import model_revision
+from .st_folder import read_settings
 
 # What the shipped starting points are, upstream.
 BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
@@ -26,8 +27,10 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
     else:
         languages, title, tag, what = ["en", *cfg.data.languages], "optical-ray student", "knowledge-distillation", \
             student_summary(cfg)
-    metrics = [{"type": "recall_at_1", "value": round(float(m["R@1"]), 4), "name": f"R@1 {lang} -> en"}
+    measure, metric_type, task, dataset, what_dev = dev_description(cfg, report)
+    metrics = [{"type": metric_type, "value": round(float(m[measure]), 4), "name": f"{measure} {lang} -> en"}
                for lang, m in report.get("languages", {}).items()]
+    settings = read_settings(folder)
     front = {
         "language": sorted(set(languages)),
         "license": licence,
@@ -37,8 +40,8 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "feature-extraction", "optical-ray", tag],
         "model-index": [{"name": title, "results": [{
-            "task": {"type": "text-retrieval", "name": "Cross-lingual caption retrieval (query language -> English)"},
-            "dataset": {"type": "flickr30k-ml", "name": "dev split"},
+            "task": {"type": "text-retrieval", "name": task},
+            "dataset": dataset,
             "metrics": metrics,
         }]}] if metrics else [],
     }
@@ -46,7 +49,7 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
 
 {what}
 
-Mean-pooled, L2-normalised embeddings; prefix queries with the `query` prompt and documents with `passage`:
+{settings.pooling.replace("lasttoken", "last-token").capitalize()}-pooled{", Dense-projected" if settings.dense else ""}{", L2-normalised" if settings.normalize else ""} embeddings; prefix queries with the `query` prompt and documents with `passage`:
 
 ```python
 from sentence_transformers import SentenceTransformer
@@ -56,14 +59,31 @@ queries = model.encode(["Ein Hund rennt über die Wiese."], prompt_name="query")
 passages = model.encode(["A dog runs across the meadow."], prompt_name="passage")
 ```
 
-Dev R@1 of the last evaluation (queries in each language retrieving {languages[0]} captions of the same images):
+Dev {measure} of the last evaluation ({what_dev}):
 
-| language | R@1 |
+| language | {measure} |
 |---|---|
-""" + "".join(f"| {lang} | {m['R@1']:.3f} |\n" for lang, m in report.get("languages", {}).items())
+""" + "".join(f"| {lang} | {m[measure]:.3f} |\n" for lang, m in report.get("languages", {}).items())
     path = Path(folder) / "README.md"
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body)
     return path
+
+
+def dev_description(cfg: TrainingConfig, report: dict) -> tuple[str, str, str, dict, str]:
+    """The dev set's measure, its model-index metric type, task name, dataset and a sentence on what
+    was measured: caption tables, line-aligned bitext or a BEIR-layout set."""
+    d = cfg.data
+    if report.get("gap", {}).get("measure") == "nDCG@10":
+        return ("nDCG@10", "ndcg_at_10", "Cross-lingual retrieval (query language -> corpus)",
+                {"type": "beir", "name": f"{d.dev_beir} ({d.dev_beir_split})"},
+                "queries in each language ranking the corpus of a BEIR-layout set")
+    if getattr(d, "dev_bitext", None):
+        return ("R@1", "recall_at_1", "Bitext retrieval (language -> English)",
+                {"type": "bitext", "name": d.dev_bitext["en"]},
+                "each sentence finding its English translation among all English sentences")
+    return ("R@1", "recall_at_1", "Cross-lingual caption retrieval (query language -> English)",
+            {"type": "flickr30k-ml", "name": "dev split"},
+            f"queries in each language retrieving {d.lang if isinstance(cfg, TeacherConfig) else 'en'} captions")
 
 
 def student_summary(cfg: DistillConfig) -> str:

@@ -89,9 +89,9 @@ def cmd_teacher(args: argparse.Namespace) -> None:
 
 
 def _summary(report: dict, steps: int) -> None:
-    from .evaluate import report_markdown
+    from .distill import dev_report_markdown
 
-    print(report_markdown(report, f"Dev retrieval after {steps} steps").split("\n", 2)[2])  # the table, no title
+    print(dev_report_markdown(report, f"Dev retrieval after {steps} steps").split("\n", 2)[2])  # the table, no title
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -121,11 +121,17 @@ class DataConfig(Config):
     # when set, dev retrieval is each dev_languages sentence finding its English translation (and `dev`
     # is not read). The dev objective of tune and the experiment follows.
     dev_bitext: dict[str, Uri] = Field(default_factory=dict)
+    # Or a BEIR-layout folder (corpus.jsonl, queries.<lang>.jsonl, qrels/<split>.tsv): dev retrieval is
+    # each dev_languages query ranking the corpus, scored by nDCG@10 (objectives low_ndcg10, mean_ndcg10).
+    dev_beir: Uri | None = None
+    dev_beir_split: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "dev"  # qrels/<split>.tsv
     # Blank captions are refused, naming the file and row; true drops them and logs how many per language.
     drop_blank: StrictBool = False
 
     @model_validator(mode="after")
     def _dev_bitext_has_each_language(self) -> DataConfig:
+        if self.dev_bitext and self.dev_beir:
+            raise ValueError("dev_bitext and dev_beir are two dev sets: set one of them")
         if self.dev_bitext:
             _check_tags(list(self.dev_bitext))
             missing = [lang for lang in ["en", *self.dev_languages] if lang not in self.dev_bitext]
@@ -273,7 +279,8 @@ class TeacherConfig(TrainingConfig):
 # Where a run writes and how often it saves: not part of what it trains.
 NOT_TRAINING = ("output_dir", "ray", "checkpoint_every", "test_sets")
 # Fields added after records were keyed, with the default that trains what the records trained.
-ADDED_LATER = {("data", "drop_blank"): False, ("data", "dev_bitext"): {}, ("length_buckets",): 0}
+ADDED_LATER = {("data", "drop_blank"): False, ("data", "dev_bitext"): {}, ("data", "dev_beir"): None,
+               ("data", "dev_beir_split"): "dev", ("length_buckets",): 0}
 
 
 def training_fields(cfg: TrainingConfig) -> dict:
@@ -314,8 +321,9 @@ def with_absolute_paths(cfg: TrainingConfig) -> TrainingConfig:
     cfg = copy.deepcopy(cfg)
     d = cfg.data
     d.train, d.dev, d.exclude_images_from = [fix(p) for p in d.train], [fix(p) for p in d.dev], [fix(p) for p in d.exclude_images_from]
-    if getattr(d, "bitext", None):
-        d.bitext = fix(d.bitext)
+    for key in ("bitext", "dev_beir"):
+        if getattr(d, key, None):
+            setattr(d, key, fix(getattr(d, key)))
     if getattr(d, "dev_bitext", None):
         d.dev_bitext = {lang: fix(path) for lang, path in d.dev_bitext.items()}
     cfg.output_dir, cfg.ray.storage_path = fix(cfg.output_dir), fix(cfg.ray.storage_path)
@@ -492,7 +500,9 @@ class SweepConfig(Config):
 
     distill: DistillConfig = Field(default_factory=DistillConfig)  # every trial starts from this
     search: SearchSpace = Field(default_factory=SearchSpace)
-    objective: Literal["low_r1", "mean_r1", "neg_gap"] = "low_r1"  # all on the dev set, higher is better
+    # On the dev set, higher is better: the mean of its measure (R@1; nDCG@10 for data.dev_beir) over the
+    # low-resource or all dev languages, or minus the gap.
+    objective: Literal["low_r1", "mean_r1", "low_ndcg10", "mean_ndcg10", "neg_gap"] = "low_r1"
     scheduler: Literal["asha", "fifo"] = "asha"  # asha stops weak trials at each dev evaluation
     grace_period: PositiveInt = 1  # dev evaluations every trial gets before ASHA may stop it
     reduction_factor: Annotated[int, Field(ge=2)] = 2

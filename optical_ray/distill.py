@@ -29,11 +29,11 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, data, pretokenized, storage
+from . import beir, checkpoints, data, pretokenized, storage
 from .card import write_model_card
-from .config import DistillConfig, TrainingConfig, save_config
+from .config import DataConfig, DistillConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
-from .evaluate import bitext_report, evaluate, read_bitext, write_report
+from .evaluate import bitext_report, evaluate, read_bitext, report_markdown, write_report
 from .losses import DistillationObjective, LossWeights, TeacherSpace
 from .model_store import publish
 
@@ -131,11 +131,11 @@ class Learner:
         """Endless batches from ``start_step``: two text columns, then whatever :meth:`prepare` also takes."""
         raise NotImplementedError
 
-    def dev_data(self) -> pa.Table | tuple:
+    def dev_data(self) -> pa.Table | tuple | beir.RetrievalSet:
         """What :meth:`dev_report` evaluates on, read once per run."""
         raise NotImplementedError
 
-    def dev_report(self, dev: pa.Table | tuple, progress: bool = False) -> dict:
+    def dev_report(self, dev: pa.Table | tuple | beir.RetrievalSet, progress: bool = False) -> dict:
         raise NotImplementedError
 
     def step(self, first: list[str], second: list[str], inputs: dict | None = None) -> dict[str, float]:
@@ -245,14 +245,16 @@ class Distiller(Learner):
     def batches(self, start_step: int, rank: int = 0, world: int = 1) -> Iterator[tuple[list, ...]]:
         return training_batches(self.cfg, start_step, rank, world, self.columns())
 
-    def dev_data(self) -> pa.Table | tuple:
-        """The dev caption tables, or the dev bitext's (English lines, {language: lines})."""
+    def dev_data(self) -> pa.Table | tuple | beir.RetrievalSet:
+        """The dev caption tables, the dev bitext's (English lines, {language: lines}) or the BEIR set."""
         d = self.cfg.data
+        if d.dev_beir:
+            return beir.load_set(d.dev_beir, d.dev_beir_split)
         if d.dev_bitext:
             return read_bitext(d.dev_bitext["en"], {lang: d.dev_bitext[lang] for lang in d.dev_languages})
         return data.read_captions(d.dev, d.drop_blank)
 
-    def dev_report(self, dev: pa.Table | tuple, progress: bool = False) -> dict:
+    def dev_report(self, dev: pa.Table | tuple | beir.RetrievalSet, progress: bool = False) -> dict:
         return dev_report(self.cfg, self.student, dev, progress)
 
 
@@ -264,10 +266,15 @@ def split_output(out: EncoderOutput, n: int) -> tuple[EncoderOutput, EncoderOutp
     return part(slice(0, n)), part(slice(n, None))
 
 
-def dev_report(cfg: DistillConfig, student: Encoder, dev: pa.Table | tuple, progress: bool = False) -> dict:
-    """Dev retrieval: caption tables (queries find their image's captions) or bitext (each sentence
-    finds its English translation), as :meth:`Distiller.dev_data` read them."""
+def dev_report(cfg: DistillConfig, student: Encoder, dev: pa.Table | tuple | beir.RetrievalSet,
+               progress: bool = False) -> dict:
+    """Dev retrieval: caption tables (queries find their image's captions), bitext (each sentence
+    finds its English translation) or a BEIR set (queries rank a corpus), as :meth:`Distiller.dev_data`
+    read them."""
     d = cfg.data
+    if isinstance(dev, beir.RetrievalSet):
+        runs = beir.search(student, dev, d.dev_languages, cfg.eval_batch_size, progress)
+        return beir.build_report(dev.qrels, runs, d.high_resource, d.low_resource)
     if isinstance(dev, tuple):
         return bitext_report(student, *dev, high=d.high_resource, low=d.low_resource, batch_size=cfg.eval_batch_size,
                              progress=progress)
@@ -275,15 +282,41 @@ def dev_report(cfg: DistillConfig, student: Encoder, dev: pa.Table | tuple, prog
                     batch_size=cfg.eval_batch_size, progress=progress)
 
 
+def is_beir_report(report: dict) -> bool:
+    return report["gap"].get("measure") == "nDCG@10"
+
+
+def write_dev_report(report: dict, out: Path, title: str) -> Path:
+    """report.json and report.md of a dev evaluation, in the layout of its kind of dev set."""
+    return beir.write_report(report, out, title) if is_beir_report(report) else write_report(report, out, title)
+
+
+def dev_report_markdown(report: dict, title: str) -> str:
+    return beir.report_markdown(report, title) if is_beir_report(report) else report_markdown(report, title)
+
+
+# The measure a dev set is scored by (BEIR sets: nDCG@10, the rest: R@1) and its name in metric keys:
+# dev_r1_de, dev_ndcg10_sw; the tune objectives low_r1, mean_ndcg10, ... are named the same way.
+DEV_MEASURES = {"R@1": "r1", "nDCG@10": "ndcg10"}
+
+
+def dev_measure(d: DataConfig) -> str:
+    """The measure the configured dev set is scored by."""
+    return "nDCG@10" if d.dev_beir else "R@1"
+
+
 def dev_metrics(report: dict) -> dict[str, float]:
-    """Flat metrics for logging and for Ray: dev R@1 per language, their mean, and the gap."""
-    out = {f"dev_r1_{lang}": m["R@1"] for lang, m in report["languages"].items()}
-    out["dev_r1_mean"] = float(np.mean([m["R@1"] for m in report["languages"].values()]))
-    low = report["gap"]["low"]
-    if low:
-        out["dev_r1_low"] = float(np.mean([report["languages"][lang]["R@1"] for lang in low]))
-    if report["gap"]["R@1"] is not None:
-        out["dev_gap"] = report["gap"]["R@1"]
+    """Flat metrics for logging and for Ray: the dev measure per language, its mean over all and over
+    the low-resource languages, and the high-minus-low gap."""
+    measure = "nDCG@10" if is_beir_report(report) else "R@1"
+    key, gap = DEV_MEASURES[measure], report["gap"].get("value", report["gap"].get("R@1"))
+    values = {lang: m[measure] for lang, m in report["languages"].items()}
+    out = {f"dev_{key}_{lang}": v for lang, v in values.items()}
+    out[f"dev_{key}_mean"] = float(np.mean(list(values.values())))
+    if report["gap"]["low"]:
+        out[f"dev_{key}_low"] = float(np.mean([values[lang] for lang in report["gap"]["low"]]))
+    if gap is not None:
+        out["dev_gap"] = gap
     return out
 
 
@@ -424,7 +457,7 @@ def distill(cfg: TrainingConfig, progress: bool = True, on_metrics: Callable[[di
     run = LocalRun(cfg, on_metrics)
     save_config(cfg, out / "config.yaml")
     student, report = fit(cfg, run, learner=learner, progress=progress)
-    write_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
+    write_dev_report(report, out / "dev", title=f"Dev retrieval after {cfg.steps} steps")
     with tempfile.TemporaryDirectory() as staging:
         folder = student.save(Path(staging) / "student")
         write_model_card(folder, cfg, report)

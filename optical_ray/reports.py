@@ -428,7 +428,8 @@ def knob_table(arms: dict) -> list[str]:
     lines = ["| arm | knobs swept | chosen | dev objective inputs (mean over seeds) |", "|---|---|---|---|"]
     for arm, info in arms.items():
         chosen = ", ".join(f"{k} {v:.3g}" for k, v in info["params"].items()) or "—"
-        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in info["dev"].items() if k in ("dev_r1_low", "dev_r1_mean")) or "—"
+        dev = ", ".join(f"{k[4:]} {v:.3f}" for k, v in info["dev"].items()
+                        if k != "dev_gap" and k.endswith(("_low", "_mean"))) or "—"
         lines.append(f"| {info['label']} | {', '.join(ARMS[arm].knobs) or '—'} | {chosen} | {dev} |")
     return lines
 

@@ -8,6 +8,7 @@ checkpoint at each dev evaluation (a trial restarted after a failure resumes fro
 * ``low_r1`` (default): mean dev R@1 over the low-resource languages -- the quantity this project
   exists to raise; a setting that helps them without hurting the rest shows up here first.
 * ``mean_r1``: mean dev R@1 over all evaluated languages.
+* ``low_ndcg10``, ``mean_ndcg10``: the same with nDCG@10, for a BEIR-layout dev set (``data.dev_beir``).
 * ``neg_gap``: minus the high-vs-low gap. A gap can also shrink by making the high-resource
   languages worse, so it is a poor objective alone.
 
@@ -38,14 +39,14 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, data, storage
 from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
-from .distill import fit
+from .distill import DEV_MEASURES, dev_measure, fit
 from .ot import MIN_REG
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = {
-    "low_r1": lambda m: m["dev_r1_low"],
-    "mean_r1": lambda m: m["dev_r1_mean"],
+    **{f"{group}_{key}": (lambda m, name=f"dev_{key}_{group}": m[name])
+       for key in DEV_MEASURES.values() for group in ("low", "mean")},
     "neg_gap": lambda m: -m["dev_gap"],
 }
 # Each knob a sweep may draw, and the distill config key it sets.
@@ -87,7 +88,7 @@ class TrialReport:
         return checkpoints.opened(tune.get_checkpoint())
 
     def report(self, metrics: dict, checkpoint: str | None) -> None:
-        if "dev_r1_mean" in metrics:
+        if "dev_gap" in metrics or any(k.startswith("dev_") and k.endswith("_mean") for k in metrics):
             tune.report({**metrics, "objective": self.objective(metrics)},
                         checkpoint=tune.Checkpoint.from_directory(checkpoint) if checkpoint else None)
 
@@ -103,8 +104,15 @@ def run_trial(config: dict) -> None:
 def check(cfg: SweepConfig) -> None:
     if cfg.distill.eval_every <= 0 and cfg.scheduler == "asha":
         raise ConfigError("distill.eval_every must be > 0 for ASHA: it compares trials at dev evaluations")
-    if cfg.objective != "mean_r1" and not (cfg.distill.data.low_resource and set(cfg.distill.data.low_resource) & set(cfg.distill.data.dev_languages)):
+    d = cfg.distill.data
+    if not cfg.objective.startswith("mean_") and not (d.low_resource and set(d.low_resource) & set(d.dev_languages)):
         raise ConfigError(f"objective {cfg.objective} needs a low-resource language among distill.data.dev_languages")
+    measure = dev_measure(d)
+    if cfg.objective != "neg_gap" and not cfg.objective.endswith("_" + DEV_MEASURES[measure]):
+        group = cfg.objective.split("_")[0]
+        raise ConfigError(f"objective {cfg.objective} is not what the dev set measures: "
+                          f"{'distill.data.dev_beir' if d.dev_beir else 'the dev set'} is scored by {measure}, "
+                          f"so use objective {group}_{DEV_MEASURES[measure]}")
 
 
 SWEEP_RECORD = "optical-ray-sweep.json"

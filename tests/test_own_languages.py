@@ -1,11 +1,14 @@
 """README "Your own languages", walked end to end on files this test writes (no shared data): a
 Swahili TSV and a Wolof OPUS/Moses corpus (two languages outside the shared data) are prepared, a
-student is distilled briefly with line-aligned dev bitext as its dev set, evaluated on a BEIR-layout set
-and on bitext, and a JSON Lines collection is indexed and searched with a metadata filter."""
+student is distilled briefly with line-aligned dev bitext as its dev set, swept on Ray Tune with a
+BEIR-layout set as the dev objective (and a CLS-pooled teacher of another width), evaluated on the BEIR
+set and on bitext, and a JSON Lines collection is indexed and searched with a metadata filter."""
 
 import json
 
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+import yaml
 
 from optical_ray.cli import main
 from optical_ray.config import SAMPLE_DIR
@@ -18,7 +21,8 @@ def pseudo(text: str, lang: str) -> str:
     return f"{lang}: " + " ".join(reversed(text.split()))
 
 
-def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tiny_teacher_dir, ray_cluster, capsys):
+def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tiny_teacher_dir, cls_teacher_dir,
+                                                    ray_cluster, capsys):
     captions = pq.read_table(SAMPLE_DIR / "train_captions.parquet")
     english = [t for t, lang in zip(captions["text"].to_pylist(), captions["lang"].to_pylist()) if lang == "en"][:400]
     train, dev = english[:300], english[300:340]
@@ -34,6 +38,15 @@ def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tin
                  "--exclude-texts-from", str(tmp_path / "dev.en"), "--out", str(bitext)]) == 0
     assert "| sw | 200 |" in capsys.readouterr().out
 
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [{"_id": f"d{i}", "text": e} for i, e in enumerate(dev)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for lang in ("sw", "wo"):
+        (beir / f"queries.{lang}.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": pseudo(e, lang)}) + "\n"
+                                                            for i, e in enumerate(dev)))
+    for split, queries in (("dev", range(20)), ("test", range(20, len(dev)))):
+        (beir / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in queries))
     dev_files = {lang: str(tmp_path / f"dev.{lang}") for lang in ("en", "sw", "wo")}
     overrides = [f"student={tiny_model_dir}", f"teacher={tiny_teacher_dir}", f"output_dir={tmp_path / 'run'}",
                  "steps=4", "batch_size=8", "max_length=32", f"data.bitext={bitext}", "data.dev_languages=sw,wo",
@@ -44,14 +57,16 @@ def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tin
     assert len(dev_report["gap"]["interval"]) == 2
     student = str(tmp_path / "run" / "student")  # a version root: LATEST names the newest
 
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    docs = [{"_id": f"d{i}", "text": e} for i, e in enumerate(dev)]
-    (beir / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    for lang in ("sw", "wo"):
-        (beir / f"queries.{lang}.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": pseudo(e, lang)}) + "\n"
-                                                            for i, e in enumerate(dev)))
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(len(dev))))
+    sweep = [f"distill.student={tiny_model_dir}", f"distill.teacher={cls_teacher_dir}", "distill.steps=2",
+             "distill.eval_every=2", "distill.batch_size=8", "distill.max_length=32", f"distill.data.bitext={bitext}",
+             f"distill.data.dev_beir={beir}", "distill.data.dev_languages=sw,wo", "distill.data.high_resource=sw",
+             "distill.data.low_resource=wo", "objective=low_ndcg10", "scheduler=fifo", "num_samples=2",
+             f"storage_path={tmp_path / 'tune'}", "name=own"]
+    assert main(["tune", "--address", ray_cluster["address"], *[arg for o in sweep for arg in ("--set", o)]]) == 0
+    trials = pacsv.read_csv(tmp_path / "tune" / "own" / "trials.csv").to_pylist()
+    assert len(trials) == 2 and all(t["status"] == "OK" and t["objective"] == t["dev_ndcg10_wo"] for t in trials)
+    assert yaml.safe_load((tmp_path / "tune" / "own" / "best.yaml").read_text())["data"]["dev_beir"] == str(beir)
+
     assert main(["eval", "--model", student, "--beir", str(beir), "--high", "sw", "--low", "wo",
                  "--out", str(tmp_path / "beir-report")]) == 0
     assert set(json.loads((tmp_path / "beir-report" / "report.json").read_text())["languages"]) == {"sw", "wo"}

@@ -77,8 +77,14 @@ def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster
 
 
 def test_sweep_config_errors_name_the_key(tiny_model_dir):
-    with pytest.raises(ConfigError, match="objective = 'best': input should be 'low_r1', 'mean_r1' or 'neg_gap'"):
+    with pytest.raises(ConfigError, match="objective = 'best': input should be 'low_r1', 'mean_r1', 'low_ndcg10', "
+                                          "'mean_ndcg10' or 'neg_gap'"):
         load_config(SweepConfig, {"objective": "best"})
+    with pytest.raises(ConfigError, match="objective low_r1 is not what the dev set measures: distill.data.dev_beir is "
+                                          "scored by nDCG@10, so use objective low_ndcg10"):
+        make_tuner(load_config(SweepConfig, {"distill": {"eval_every": 5, "data": {"dev_beir": "s3://bucket/beir"}}}))
+    with pytest.raises(ConfigError, match="dev_bitext and dev_beir are two dev sets: set one of them"):
+        load_config(SweepConfig, {"distill": {"data": {"dev_beir": "beir", "dev_bitext": {"en": "a", "de": "b"}}}})
     with pytest.raises(ConfigError, match=r"search.sinkhorn_reg = \[1.0, 0.1\]: must be \[\] or \[low, high\]"):
         load_config(SweepConfig, {"search": {"sinkhorn_reg": [1.0, 0.1]}, "distill": {"eval_every": 5}})
     with pytest.raises(ConfigError, match="search.sinkhorn_reg starts at 0.001: below 0.01 Sinkhorn does not converge"):
