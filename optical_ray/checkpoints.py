@@ -27,6 +27,7 @@ import torch
 
 from . import data, storage
 from .config import ConfigError, DistillConfig, portable_paths, training_fields
+from .model_store import model_revision
 
 TRAIN_STATE = "train_state.pt"
 RUN_CONFIG = "run.json"
@@ -34,6 +35,9 @@ DEV_REPORT = "dev_report.json"
 # The claim's fingerprint of prepared bitext (data.bitext_fingerprint): the same URI prepared again is
 # other data, and a resumed run must not change data under its checkpoints.
 BITEXT_CONTENT = "bitext_content"
+# The commits Hugging Face ids resolved to when the run started: an id without @rev may move on the hub,
+# and a resumed run must not change its teacher or student under its checkpoints.
+MODEL_REVISIONS = "model_revisions"
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -72,17 +76,31 @@ def claim(run_uri: str, cfg: DistillConfig) -> None:
     holds one -- check that it is the same run, so that resuming never mixes two configs."""
     marker = storage.join(run_uri, RUN_CONFIG)
     content = data.bitext_fingerprint(cfg.data.bitext) if getattr(cfg.data, "bitext", None) else None
+    revisions = model_revisions(cfg)
     if storage.exists(marker):
         saved = json.loads(storage.read_bytes(marker))
         before = saved.pop(BITEXT_CONTENT, None)  # runs claimed before fingerprints have none
+        pinned = saved.pop(MODEL_REVISIONS, {})
         check_same_run(saved, cfg, run_uri)
+        for role, revision in revisions.items():
+            if pinned.get(role, revision) != revision:
+                name = getattr(cfg, role)
+                raise ConfigError(f"{run_uri} started with {role} {name} at revision {pinned[role]}; it resolves to "
+                                  f"{revision} now. Resume with {role}={name.partition('@')[0]}@{pinned[role]}, or "
+                                  "start a new run (another output_dir / ray.name)")
         if before and content and before != content:
             raise ConfigError(f"{run_uri} holds a run on other data: the bitext at {cfg.data.bitext} was prepared again "
                               f"since it started (content {before[:12]} -> {content[:12]}); resuming would train on "
                               "other pairs than the checkpoints did. Start a new run (another output_dir / ray.name)")
     else:
-        fields = training_fields(cfg) | ({BITEXT_CONTENT: content} if content else {})
+        fields = training_fields(cfg) | ({BITEXT_CONTENT: content} if content else {}) | \
+            ({MODEL_REVISIONS: revisions} if revisions else {})
         storage.write_bytes(json.dumps(fields, sort_keys=True).encode(), marker)
+
+
+def model_revisions(cfg: DistillConfig) -> dict[str, str]:
+    """The commit each Hugging Face id among the run's models resolved to (none for other references)."""
+    return {role: rev for role in ("student", "teacher") if (rev := model_revision(getattr(cfg, role, "")))}
 
 
 def check_same_run(saved: dict, cfg: DistillConfig, where: str) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from . import data
+from . import checkpoints, data
 from .arms import ARMS, check_arms
 from .config import (
     TASK_TRAINED,
@@ -54,6 +54,7 @@ from .distill import dev_metrics
 from .encoder import Encoder
 from .evaluate import COMPARISON_MAX_LENGTH, rank_queries
 from .metrics import pack_ranks
+from .model_store import model_revision
 from .reports import write_results
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class Runner:
         started = time.time()
         record = {"arm": "none", "seed": None, "key": key, "params": {}, "student": student,
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
+        if revision := model_revision(student):
+            record["model_revisions"] = {"student": revision}
         write_record(path, record)
         return record
 
@@ -228,6 +231,8 @@ class Runner:
         record = {"arm": arm, "seed": seed, "key": key, "teacher": teacher, "params": params,
                   "config": training_fields(arm_cfg), "dev": dev_metrics(dev),
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
+        if revisions := checkpoints.model_revisions(arm_cfg):  # Hugging Face ids: the commits trained with
+            record["model_revisions"] = revisions
         write_record(path, record)
         log.info("%s seed %d: recorded in %s after %.0f min", arm, seed, path, record["wall_s"] / 60)
         self.discard(arm_cfg.output_dir, Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name)

@@ -2,6 +2,7 @@
 huggingface_hub lays it out, read by huggingface_hub itself in a fresh process with HF_HOME and
 HF_HUB_OFFLINE set, as a user's shell would."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,24 @@ print(model_revision("acme/tiny-encoder"))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith(COMMIT)
     assert f"base_model: acme/tiny-encoder\nbase_model_revision: {COMMIT}" in done.stdout
+
+    # A Ray Train run records the commits its models resolved to; when `main` moves on the hub, resuming
+    # the run with the bare id is refused, naming the pinned commit.
+    claim = f"""
+from optical_ray import checkpoints
+from optical_ray.config import DistillConfig, load_config
+checkpoints.claim({str(tmp_path / "run")!r}, load_config(DistillConfig, {{"student": "acme/tiny-encoder"}}))
+"""
+    assert run(claim, tmp_path / "hf").returncode == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["model_revisions"] == {"student": COMMIT}
+    moved = "f" * 40
+    shutil.copytree(tmp_path / "hf" / "hub" / "models--acme--tiny-encoder" / "snapshots" / COMMIT,
+                    tmp_path / "hf" / "hub" / "models--acme--tiny-encoder" / "snapshots" / moved)
+    (tmp_path / "hf" / "hub" / "models--acme--tiny-encoder" / "refs" / "main").write_text(moved)
+    refused = run(claim, tmp_path / "hf")
+    assert refused.returncode == 1
+    assert f"started with student acme/tiny-encoder at revision {COMMIT}; it resolves to {moved} now" in refused.stderr
+    assert f"student=acme/tiny-encoder@{COMMIT}" in refused.stderr
 
     missing = run("from optical_ray.cli import main; raise SystemExit(main(['eval', '--model', 'acme/missing', "
                   "'--bitext-english', 'x', '--out', 'o']))", tmp_path / "hf")

@@ -1,8 +1,8 @@
 """README "Your own languages", walked end to end on files this test writes (no shared data): a
 Swahili TSV and a Wolof OPUS/Moses corpus (two languages outside the shared data) are prepared, a
-student is distilled briefly with line-aligned dev bitext as its dev set, swept on Ray Tune with a
-BEIR-layout set as the dev objective (and a CLS-pooled teacher of another width), evaluated on the BEIR
-set and on bitext, and a JSON Lines collection is indexed and searched with a metadata filter."""
+student is distilled briefly from a CLS-pooled teacher of another width with line-aligned dev bitext as
+its dev set, swept on Ray Tune with a BEIR-layout set as the dev objective, evaluated on the BEIR set and
+on bitext, and a JSON Lines collection is indexed and searched with a metadata filter."""
 
 import json
 
@@ -21,7 +21,7 @@ def pseudo(text: str, lang: str) -> str:
     return f"{lang}: " + " ".join(reversed(text.split()))
 
 
-def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tiny_teacher_dir, cls_teacher_dir,
+def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, cls_teacher_dir,
                                                     ray_cluster, capsys):
     captions = pq.read_table(SAMPLE_DIR / "train_captions.parquet")
     english = [t for t, lang in zip(captions["text"].to_pylist(), captions["lang"].to_pylist()) if lang == "en"][:400]
@@ -48,13 +48,17 @@ def test_a_team_walks_its_own_languages_end_to_end(tmp_path, tiny_model_dir, tin
     for split, queries in (("dev", range(20)), ("test", range(20, len(dev)))):
         (beir / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in queries))
     dev_files = {lang: str(tmp_path / f"dev.{lang}") for lang in ("en", "sw", "wo")}
-    overrides = [f"student={tiny_model_dir}", f"teacher={tiny_teacher_dir}", f"output_dir={tmp_path / 'run'}",
+    # The teacher: CLS-pooled, another width, a Dense layer (a LaBSE-like teacher in miniature).
+    overrides = [f"student={tiny_model_dir}", f"teacher={cls_teacher_dir}", f"output_dir={tmp_path / 'run'}",
                  "steps=4", "batch_size=8", "max_length=32", f"data.bitext={bitext}", "data.dev_languages=sw,wo",
                  "data.high_resource=sw", "data.low_resource=wo", f"data.dev_bitext={json.dumps(dev_files)}"]
     assert main(["distill", *[arg for o in overrides for arg in ("--set", o)]]) == 0
     dev_report = json.loads((tmp_path / "run" / "dev" / "report.json").read_text())
     assert set(dev_report["languages"]) == {"sw", "wo"} and dev_report["languages"]["sw"]["n_queries"] == 40
     assert len(dev_report["gap"]["interval"]) == 2
+    root = tmp_path / "run" / "student"
+    card = yaml.safe_load((root / (root / "LATEST").read_text().strip() / "README.md").read_text().split("---\n")[1])
+    assert card["model-index"][0]["results"][0]["dataset"] == {"type": "bitext", "name": dev_files["en"]}
     student = str(tmp_path / "run" / "student")  # a version root: LATEST names the newest
 
     sweep = [f"distill.student={tiny_model_dir}", f"distill.teacher={cls_teacher_dir}", "distill.steps=2",

@@ -72,3 +72,26 @@ def test_a_plain_hugging_face_folder_gets_mean_pooling_with_a_warning(tmp_path, 
     assert not read_settings(tmp_path / "hf").stated
     encoder = Encoder.load(tmp_path / "hf")
     assert "no modules.json" in caplog.text and encoder.pooling == "mean" and encoder.normalize
+
+
+def test_a_cls_dense_student_is_served_in_its_own_width(tmp_path, cls_teacher_dir, ray_cluster):
+    """The serving deployments' own classes in this process (Serve's local testing mode refuses
+    ``@serve.batch`` in Ray 2.60): the query encoder applies CLS pooling and the Dense layer, the retriever
+    takes the Dense width from the folder, and its hits are those of the library's encoder and index."""
+    from optical_ray.config import SAMPLE_DIR
+    from optical_ray.corpus_index import build_corpus_index
+    from optical_ray.index import Searchable, load_index, resolve_version
+    from optical_ray.service.app import QueryEncoder, Retriever
+
+    model, root = str(cls_teacher_dir), str(tmp_path / "index")
+    build_corpus_index(model, [str(SAMPLE_DIR / "test_2018_captions.parquet")], root, "Flat", query_langs=["de"],
+                       sample_queries=10)
+    query = "Ein Hund rennt über eine Wiese."
+    encoder = QueryEncoder.func_or_class(model).encoder  # what its batched embed() runs
+    vector = encoder.embed_tokens(encoder.tokenize([query], "query"))[0]
+    retriever = Retriever.func_or_class(resolve_version(root), model)
+    assert retriever.dim == vector.shape[0] == 16 and retriever.status()["dim"] == 16
+    served = retriever.search(vector[None, :], 5)["results"][0]
+    expected = Searchable(load_index(resolve_version(root))).search(Encoder.load(model).encode([query], "query"), 5)[0]
+    assert [h["text"] for h in served] == [h["text"] for h in expected]
+    np.testing.assert_allclose([h["score"] for h in served], [h["score"] for h in expected], atol=1e-5)
