@@ -29,17 +29,21 @@ def old_stack(tmp_path_factory):
     return target
 
 
-def load_under(stack, folder, prompt):
-    """SentenceTransformer's embeddings and AutoModel's loading report for ``folder`` under ``stack``."""
+def load_under(stack, folders: dict[str, tuple[str, str | None]]) -> dict:
+    """Per name, SentenceTransformer's embeddings and AutoModel's loading report for its (folder, prompt),
+    under ``stack``, in one fresh process."""
     code = f"""
-import json, transformers, sentence_transformers
+import json, transformers
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 assert transformers.__version__.startswith("4."), transformers.__version__
-emb = SentenceTransformer({str(folder)!r}, device="cpu").encode({TEXTS!r}, prompt_name={prompt!r})
-_, loading = AutoModel.from_pretrained({str(folder)!r}, output_loading_info=True)
-AutoTokenizer.from_pretrained({str(folder)!r})
-print(json.dumps({{"emb": emb.tolist(), "loading": {{k: list(v) for k, v in loading.items()}}}}))
+out = {{}}
+for name, (folder, prompt) in {folders!r}.items():
+    emb = SentenceTransformer(folder, device="cpu").encode({TEXTS!r}, prompt_name=prompt)
+    _, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
+    AutoTokenizer.from_pretrained(folder)
+    out[name] = {{"emb": emb.tolist(), "loading": {{k: list(v) for k, v in loading.items()}}}}
+print(json.dumps(out))
 """
     done = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(stack), "PATH": "/usr/bin:/bin",
                                                              "HF_HUB_OFFLINE": "1"},
@@ -48,18 +52,19 @@ print(json.dumps({{"emb": emb.tolist(), "loading": {{k: list(v) for k, v in load
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("start", ["mean", "cls_dense"])
-def test_a_distilled_student_loads_under_transformers_4(old_stack, tmp_path, tiny_model_dir, tiny_teacher_dir,
-                                                        cls_teacher_dir, start):
-    """A mean-pooled E5-style student (prompts), and a CLS-pooled one with a Dense layer distilled from a
-    teacher of another width (its projection into the teacher's space is dropped at save)."""
-    student, teacher = (tiny_model_dir, tiny_teacher_dir) if start == "mean" else (cls_teacher_dir, tiny_model_dir)
-    cfg = load_config(DistillConfig, {"student": str(student), "teacher": str(teacher), "steps": 2, "batch_size": 8,
-                                      "max_length": 32, "eval_every": 0, "output_dir": str(tmp_path / "run")})
-    folder = distill(cfg, progress=False).model_dir
-    ours = Encoder.load(folder)
-    prompt = "query" if ours.prompts else None
-    loaded = load_under(old_stack, folder, prompt)
-    assert not any(loaded["loading"].values()), loaded["loading"]  # no missing, unexpected or mismatched weights
-    np.testing.assert_allclose(np.array(loaded["emb"]), ours.encode(TEXTS, prompt), atol=1e-5)
-    assert np.array(loaded["emb"]).shape[1] == (16 if start == "cls_dense" else ours.dim)
+def test_saved_students_load_under_transformers_4(old_stack, tmp_path, tiny_model_dir, cls_teacher_dir):
+    """A mean-pooled E5-style student (prompts), saved as distill saves it, and a CLS-pooled one with a
+    Dense layer distilled from a teacher of another width (its map into the teacher's space is dropped
+    at save)."""
+    cfg = load_config(DistillConfig, {"student": str(cls_teacher_dir), "teacher": str(tiny_model_dir), "steps": 2,
+                                      "batch_size": 8, "max_length": 32, "eval_every": 0,
+                                      "data": {"dev_languages": ["de"]}, "output_dir": str(tmp_path / "run")})
+    folders = {"mean": Encoder.load(tiny_model_dir).save(tmp_path / "student"), "cls_dense": distill(cfg, progress=False).model_dir}
+    ours = {name: Encoder.load(folder) for name, folder in folders.items()}
+    prompts = {name: "query" if encoder.prompts else None for name, encoder in ours.items()}
+    loaded = load_under(old_stack, {name: (str(folder), prompts[name]) for name, folder in folders.items()})
+    for name, encoder in ours.items():
+        assert not any(loaded[name]["loading"].values()), (name, loaded[name]["loading"])  # no missing/unexpected weights
+        np.testing.assert_allclose(np.array(loaded[name]["emb"]), encoder.encode(TEXTS, prompts[name]), atol=1e-5,
+                                   err_msg=name)
+    assert prompts == {"mean": "query", "cls_dense": None} and np.array(loaded["cls_dense"]["emb"]).shape[1] == 16
