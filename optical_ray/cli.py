@@ -128,8 +128,8 @@ def cmd_index(args: argparse.Namespace) -> None:
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     from .config import ExperimentConfig, load_config
-    from .experiment import run_experiment
-    from .reports import answer_lines
+    from .research.report import answer_lines
+    from .research.runner import run_experiment
 
     cfg = load_config(ExperimentConfig, args.config, dict(args.set or []))
     if not args.report_only:

@@ -535,7 +535,7 @@ class CurveConfig(Config):
 class ExperimentConfig(Config):
     """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
-    Every arm (``optical_ray.experiment.ARMS``) starts from the same student and teacher, trains on the
+    Every arm (``optical_ray.research.plan.ARMS``) starts from the same student and teacher, trains on the
     same data for the same steps with the same seeds, and gets the same sweep budget on the dev set
     over its own knobs. Then, optionally, the same arms with a teacher chosen on dev (``teachers``) and
     a longer run per curve arm (``curve``). Finished runs are recorded under ``results_dir`` and skipped

@@ -9,6 +9,7 @@ rule would credit a query with a hit it cannot tell from a miss.
 from __future__ import annotations
 
 import base64
+import math
 import zlib
 
 import numpy as np
@@ -85,12 +86,23 @@ def image_resamples(n_images: int, n_resamples: int, seed: int = 0) -> np.ndarra
     return rng.multinomial(n_images, np.full(n_images, 1.0 / n_images), size=n_resamples).astype(float)
 
 
-def weighted_recall(hits: np.ndarray, query_images: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def seed_resamples(n_seeds: int, n_resamples: int, key: str) -> np.ndarray:
+    """Bootstrap weights [n_resamples, n_seeds]: how often each training seed of one system is drawn in
+    each resample of its ``n_seeds`` seeds with replacement -- the outer level of a hierarchical
+    bootstrap (Davison & Hinkley 1997, ch. 3.8) whose inner level is :func:`image_resamples`. ``key``
+    names the system, so each one's seeds are drawn independently and reproducibly."""
+    rng = np.random.default_rng(zlib.crc32(key.encode()))
+    return rng.multinomial(n_seeds, np.full(n_seeds, 1.0 / n_seeds), size=n_resamples).astype(float)
+
+
+def weighted_recall(hits: np.ndarray, query_images: np.ndarray, weights: np.ndarray,
+                    seed_weights: np.ndarray | None = None) -> np.ndarray:
     """R@k under image weights, averaged over training seeds: [resamples].
 
     hits: [seeds, queries] 0/1; query_images: [queries] image index of each query; weights:
     [resamples, images] from :func:`image_resamples` (all-ones rows give the plain mean). A query counts
-    as often as its image was drawn.
+    as often as its image was drawn. ``seed_weights`` [resamples, seeds] (:func:`seed_resamples`) draws
+    the seeds too, so the spread between training runs enters the interval; None: every seed once.
     """
     hits = np.atleast_2d(np.asarray(hits, dtype=float))
     n_images = weights.shape[1]
@@ -98,7 +110,20 @@ def weighted_recall(hits: np.ndarray, query_images: np.ndarray, weights: np.ndar
     np.add.at(per_image.T, query_images, hits.T)
     queries_per_image = np.bincount(query_images, minlength=n_images).astype(float)
     recall = (weights @ per_image.T) / (weights @ queries_per_image)[:, None]  # [resamples, seeds]
-    return recall.mean(axis=1)
+    if seed_weights is None:
+        return recall.mean(axis=1)
+    return (recall * seed_weights).sum(axis=1) / seed_weights.sum(axis=1)
+
+
+def bootstrap_p(estimate: float, draws: np.ndarray) -> float:
+    """Two-sided p-value of "the difference is 0": a Wald test with the bootstrap standard error
+    (``estimate`` / sd of its bootstrap ``draws``, normal approximation). Unlike counting draws beyond
+    0, it does not bottom out at 1 / resamples, which a multiple-testing correction over tens of
+    comparisons needs (Holm's first threshold for 40 is 0.00125)."""
+    se = float(np.std(draws, ddof=1))
+    if se == 0.0:
+        return 1.0 if estimate == 0 else 0.0
+    return math.erfc(abs(estimate) / se / math.sqrt(2))
 
 
 def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:

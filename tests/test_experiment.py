@@ -9,12 +9,11 @@ import pyarrow.compute as pc
 import pytest
 from conftest import REPO
 
-from optical_ray.arms import ARMS
-from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config
+from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config, training_fields
 from optical_ray.distill import load_bitext
-from optical_ray.experiment import arm_config, config_key, sweep_config, training_fields
 from optical_ray.metrics import pack_ranks, unpack_ranks
-from optical_ray.reports import group_r1
+from optical_ray.research.plan import ARMS, arm_config, config_key, sweep_config
+from optical_ray.research.stats import group_r1
 
 
 def experiment_config(tmp_path, **extra) -> ExperimentConfig:
@@ -72,7 +71,7 @@ def test_ranks_round_trip_through_a_record():
 
 def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_model_dir, tiny_teacher_dir, tmp_path,
                                                                monkeypatch, caplog, capsys):
-    caplog.set_level(logging.INFO, logger="optical_ray.experiment")
+    caplog.set_level(logging.INFO, logger="optical_ray.research.runner")
     cfg = load_config(ExperimentConfig, {
         "out_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"), "bootstrap": 50,
         "arms": ["none", "ot+contrastive"], "seeds": [0], "teachers": [str(tiny_teacher_dir), "task-trained"],
@@ -90,13 +89,13 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
                        "groups": {"high": ["de", "es"], "trained_low": ["ay", "qu"], "held_out_low": ["gn"]},
                        "gaps": {"trained_low": ["high", "trained_low"], "held_out_low": ["high", "held_out_low"]}}],
     })
-    import optical_ray.experiment
-    from optical_ray.experiment import run_experiment
+    import optical_ray.research.runner
+    from optical_ray.research.runner import run_experiment
 
     # Tiny random teachers score by chance on dev, and the baseline happens to win: the task-trained one is
     # made the choice so that the path a real run takes (every arm swept and run again) runs here too.
-    real_choice = optical_ray.experiment.choose_teacher
-    monkeypatch.setattr(optical_ray.experiment, "choose_teacher",
+    real_choice = optical_ray.research.runner.choose_teacher
+    monkeypatch.setattr(optical_ray.research.runner, "choose_teacher",
                         lambda cfg, candidates, runs: (c := real_choice(cfg, candidates, runs)) and {**c, "chosen": candidates[-1]})
     results = run_experiment(cfg, verbose=False)  # as the CLI runs it: a bar of trials, not Tune's tables
     out = tmp_path / "results"
@@ -176,14 +175,12 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert (out / "r1_by_arm.png").stat().st_size > 0 and (out / "gap_by_arm.png").stat().st_size > 0
 
     # A second call finds every run and sweep recorded: nothing is trained again.
-    import optical_ray.train
-    import optical_ray.tune
 
     def refuse(*args, **kwargs):
         raise AssertionError("a recorded run was trained again")
 
-    monkeypatch.setattr(optical_ray.train, "run_training", refuse)
-    monkeypatch.setattr(optical_ray.tune, "run_sweep", refuse)
+    monkeypatch.setattr(optical_ray.research.runner, "run_training", refuse)
+    monkeypatch.setattr(optical_ray.research.runner, "run_sweep", refuse)
     caplog.clear()
     again = run_experiment(cfg)
     assert again["tests"] == json.loads(json.dumps(results["tests"]))
@@ -192,7 +189,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     # --report-only: the results of what is recorded, nothing trained or evaluated, even with runs missing.
     import shutil
 
-    monkeypatch.setattr(optical_ray.experiment, "evaluate_model", refuse)
+    monkeypatch.setattr(optical_ray.research.runner, "evaluate_model", refuse)
     partial = tmp_path / "partial"
     shutil.copytree(out, partial)
     [baseline_run] = [p for p in (partial / "runs").glob("ot-contrastive-seed0-*.json")
@@ -208,7 +205,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 def test_the_committed_sweep_records_are_still_found_by_their_keys():
     """A change to the configs' schema must not orphan finished work: every committed sweep record of
     configs/experiment.yaml is found under the key this code computes for it (so a rerun skips it)."""
-    from optical_ray.experiment import sweep_key
+    from optical_ray.research.plan import sweep_key
 
     cfg, records, _ = committed("sweeps/*.json")
     for path in records:
@@ -219,7 +216,7 @@ def test_the_committed_sweep_records_are_still_found_by_their_keys():
 def committed(pattern: str):
     """configs/experiment.yaml's committed records matching ``pattern`` (skips without any) and a runner
     that computes their keys."""
-    from optical_ray.experiment import Runner, TestData
+    from optical_ray.research.runner import Runner, TestData
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
     records = sorted((REPO / cfg.results_dir).glob(pattern))
@@ -239,7 +236,7 @@ def test_the_committed_run_records_are_still_found_by_their_keys():
 def test_knobs_one_ulp_from_a_recorded_runs_take_its_exact_values(tmp_path):
     """A sweep drawn again can land one ulp away from the knobs a run was recorded with: the run is still
     found. Knobs that really differ, or the same knobs under another teacher, are not mapped onto it."""
-    from optical_ray.experiment import Runner, write_record
+    from optical_ray.research.runner import Runner, write_record
 
     runner = Runner(experiment_config(tmp_path), [])
     recorded = {"temperature": 0.24083618651648225, "lr": 7.700029501048744e-05}
@@ -271,7 +268,7 @@ def test_the_committed_teacher_record_is_found_by_its_key_in_any_checkout():
     """The task teacher took 84 min to train: its record must be found wherever the repository is cloned
     (keys name the bundled tables as ${sample_data}/..., not by this checkout's folder)."""
     from optical_ray.config import ExperimentConfig
-    from optical_ray.experiment import Runner
+    from optical_ray.research.runner import Runner
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
     records = sorted((REPO / cfg.results_dir / "teachers").glob("*.json"))
@@ -290,7 +287,7 @@ def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_aga
     import shutil
 
     import optical_ray.teacher
-    from optical_ray.experiment import Runner
+    from optical_ray.research.runner import Runner
 
     cfg = experiment_config(tmp_path, teachers=["student-init", "task-trained"], teacher_training={
         "student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32})
@@ -322,8 +319,8 @@ def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_aga
 
 def test_teacher_comparison_is_paired_over_images_and_computed_by_hand():
     from optical_ray.config import TestSet
-    from optical_ray.experiment import TestData
-    from optical_ray.reports import compare_teachers
+    from optical_ray.research.runner import TestData
+    from optical_ray.research.stats import compare_teachers
 
     spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
     images = np.array(["a", "b", "c", "d"])
@@ -358,8 +355,9 @@ def test_the_answer_says_whether_a_gap_closed_from_below_or_from_above():
     """A gap that narrows because the high group got worse must not read like a gain: the answer gives
     each group's R@1 change beside the gap's (hand-computed case)."""
     from optical_ray.config import TestSet
-    from optical_ray.experiment import TestData
-    from optical_ray.reports import answer_lines, summarize_test
+    from optical_ray.research.report import answer_lines
+    from optical_ray.research.runner import TestData
+    from optical_ray.research.stats import summarize_test
 
     spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
     images = np.array(["a", "b", "c", "d"])
@@ -382,8 +380,9 @@ def test_what_ot_adds_to_contrastive_is_stated_under_every_teacher():
     """Adding OT to contrastive can help under one teacher and hurt under another: the answer gives the
     change for the baseline teacher's arms and for the chosen teacher's (hand-computed case)."""
     from optical_ray.config import TestSet
-    from optical_ray.experiment import TestData
-    from optical_ray.reports import answer_lines, summarize_test
+    from optical_ray.research.report import answer_lines
+    from optical_ray.research.runner import TestData
+    from optical_ray.research.stats import summarize_test
 
     spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
     images = np.array(["a", "b", "c", "d"])
@@ -410,7 +409,7 @@ def test_the_committed_results_md_is_what_the_report_writes_from_results_json():
     writes it again byte for byte (so a refactor of the report shows up here as a diff)."""
     import json
 
-    from optical_ray.reports import results_markdown
+    from optical_ray.research.report import results_markdown
 
     cfg = load_config(ExperimentConfig, REPO / "configs" / "experiment.yaml")
     folder = REPO / cfg.results_dir
@@ -421,7 +420,7 @@ def test_the_committed_results_md_is_what_the_report_writes_from_results_json():
 
 
 def test_the_teacher_with_the_best_dev_objective_is_chosen_once_every_candidate_has_run(tmp_path):
-    from optical_ray.experiment import choose_teacher
+    from optical_ray.research.runner import choose_teacher
 
     cfg = experiment_config(tmp_path, teachers=["a", "b", "c"])  # objective low_r1, not the mean or the gap
     runs = {"a": {"dev": {"dev_r1_low": 0.3, "dev_r1_mean": 0.9, "dev_gap": 0.1}},
@@ -432,8 +431,8 @@ def test_the_teacher_with_the_best_dev_objective_is_chosen_once_every_candidate_
 
 
 def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
-    from optical_ray.experiment import Teacher
-    from optical_ray.reports import run_status, status_line
+    from optical_ray.research.report import run_status, status_line
+    from optical_ray.research.runner import Teacher
 
     cfg = experiment_config(tmp_path, arms=["none", "mse", "ot"], seeds=[0, 1], teachers=["student-init", "minilm-en"],
                             curve={"arms": ["mse"], "steps": 40, "every": 20})
@@ -460,3 +459,25 @@ def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
     chosen.records += [{"arm": "ot"}] * 3
     status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}, "40": {}}}])
     assert status["complete"] and status_line(status) == "Status: 11 runs recorded, the experiment complete."
+
+
+def test_holm_within_each_family_of_reported_changes():
+    """Three arms against no distillation form one family: Holm's adjusted p-values by hand
+    (0.01, 0.04, 0.03 -> 0.03, 0.06, 0.06), and each change says what survives which level."""
+    from optical_ray.research.stats import families
+
+    def gap(value, p=None, ci=(-0.1, -0.01), ci_images=(-0.1, -0.02)):
+        g = {"value": value, "diff_p": {}, "diff_ci95": {}, "diff_ci95_images": {}}
+        if p is not None:
+            g.update(diff_p={"none": p}, diff_ci95={"none": list(ci)}, diff_ci95_images={"none": list(ci_images)})
+        return {"gaps": {"low": {"abs": g}}}
+
+    results = {"teacher": "student-init", "tests": {"t": {"arms": {
+        "none": gap(0.5), "mse": gap(0.4, 0.01), "ot": gap(0.45, 0.04, ci=(-0.1, 0.01)), "contrastive": gap(0.42, 0.03)}}}}
+    family = families(results)["vs_none/student-init"]
+    assert [c["arm"] for c in family] == ["mse", "ot", "contrastive"]
+    assert [c["p_holm"] for c in family] == pytest.approx([0.03, 0.06, 0.06])
+    assert [c["clear_holm"] for c in family] == ["smaller", "unclear", "unclear"]
+    assert [c["clear_seeds"] for c in family] == ["smaller", "unclear", "smaller"]
+    assert all(c["clear_images"] == "smaller" for c in family)
+    assert family[0]["change"] == pytest.approx(-0.1)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 
@@ -78,3 +80,41 @@ def test_paired_image_bootstrap_of_a_gap_difference():
     assert metrics.percentile_interval(gap(before) - gap(before)) == (0.0, 0.0)
     separate = [metrics.percentile_interval(gap(h)) for h in (after, before)]
     assert separate[0][1] > separate[1][0]
+
+
+def test_seed_weighted_recall_by_hand():
+    """The outer level of the hierarchical bootstrap: each resample also draws the training seeds."""
+    query_images = np.array([0, 0, 1, 2])
+    hits = np.array([[1, 0, 1, 0], [1, 1, 0, 0]])
+    weights = np.array([[1.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
+    seeds = np.array([[2.0, 0.0],   # seed 0 twice: its plain mean, 0.5
+                      [0.0, 2.0]])  # seed 1 twice under image weights (2, 0, 1): 4/5
+    np.testing.assert_allclose(metrics.weighted_recall(hits, query_images, weights, seeds), [0.5, 0.8])
+    draws = metrics.seed_resamples(3, 400, "ot+contrastive/student-init")
+    assert draws.shape == (400, 3) and (draws.sum(axis=1) == 3).all()
+    assert (draws == metrics.seed_resamples(3, 400, "ot+contrastive/student-init")).all()
+    assert not (draws == metrics.seed_resamples(3, 400, "contrastive/student-init")).all()
+
+
+def test_seed_spread_widens_the_interval_of_a_change():
+    """Two arms equal on average but with seeds far apart: over images alone their difference looks
+    clear, with the seeds drawn too it does not."""
+    rng = np.random.default_rng(4)
+    images = np.arange(500)
+    weights = metrics.image_resamples(500, 400, seed=0)
+    a = np.stack([rng.random(500) < p for p in (0.45, 0.55)])  # seed spread 0.1
+    b = np.stack([rng.random(500) < p for p in (0.49, 0.49)])
+    seeds_a, seeds_b = (metrics.seed_resamples(2, 400, key) for key in ("a", "b"))
+    images_only = metrics.weighted_recall(a, images, weights) - metrics.weighted_recall(b, images, weights)
+    with_seeds = (metrics.weighted_recall(a, images, weights, seeds_a)
+                  - metrics.weighted_recall(b, images, weights, seeds_b))
+    lo, hi = metrics.percentile_interval(with_seeds)
+    assert lo < 0 < hi
+    assert hi - lo > 1.5 * np.subtract(*metrics.percentile_interval(images_only)[::-1])
+
+
+def test_bootstrap_p_is_a_wald_test_on_the_bootstrap_standard_error():
+    draws = np.array([0.0, 0.1, 0.2, 0.1, 0.0, 0.2])  # sd 0.0894
+    z = 0.1 / np.std(draws, ddof=1)
+    assert metrics.bootstrap_p(0.1, draws) == pytest.approx(2 * (1 - 0.5 * (1 + math.erf(z / math.sqrt(2)))))
+    assert metrics.bootstrap_p(0.0, draws) == 1.0 and metrics.bootstrap_p(0.2, np.zeros(4)) == 0.0

@@ -1,31 +1,27 @@
 """The experiment's records turned into numbers, words and plots: results.json, RESULTS.md, and the
-per-language and per-gap plots.
-
-Statistics. R@1 per language is the mean over training seeds of the mean over queries; the seed spread
-is the standard deviation of the per-seed value. Intervals are 95% percentile bootstraps over
-**images**: each resample draws the test set's images with replacement, and every language, seed and
-arm is scored on the same draw, so queries describing the same picture move together and a difference
-between two arms is paired. Two gaps are reported: the absolute R@1 gap (mean R@1 of the higher group
-minus the lower; the answer uses this one) and the relative error-rate gap ((1 - R@1 low) / (1 - R@1
-high): how many times more often the lower group misses).
+per-language and per-gap plots. The numbers come from :mod:`optical_ray.research.stats`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import metrics
-from .arms import ARMS
-from .config import TASK_TRAINED, ExperimentConfig
-from .metrics import unpack_ranks
-
-GAP_KINDS = {"abs": metrics.resource_gap, "rel": metrics.relative_error_gap}
+from ..config import TASK_TRAINED, ExperimentConfig
+from ..teacher import report_markdown as teacher_report_markdown
+from .plan import ARMS
+from .stats import (
+    choice_comparison,
+    clear,
+    compare_teachers,
+    families,
+    group_r1,
+    mean_dev,
+    summarize_curves,
+    summarize_test,
+)
 
 
 def arm_label(arm: str) -> str:
@@ -33,105 +29,10 @@ def arm_label(arm: str) -> str:
     return ARMS[arm].label
 
 
-def summarize_test(test, records: list[dict], arms: list[str], n_resamples: int) -> dict:
-    """Per arm: R@k per language (seed mean and spread) and every gap with its interval and its paired
-    interval against every other arm."""
-    spec = test.spec
-    weights, query_index, n_images = image_draws(test, n_resamples)
-    out: dict = {"protocol": spec.protocol, "groups": spec.groups, "gaps": spec.gaps, "n_images": n_images,
-                 "arms": {}}
-    draws: dict[str, dict[str, np.ndarray]] = {}
-    for arm in arms:
-        runs = [r for r in records if r["arm"] == arm and spec.name in r["tests"]]
-        if runs:
-            out["arms"][arm], draws[arm] = arm_summary(spec, runs, weights, query_index)
-    for arm, summary in out["arms"].items():
-        for gap, entry in summary["gaps"].items():
-            for kind in GAP_KINDS:
-                entry[kind]["diff_ci95"] = {
-                    other: list(metrics.percentile_interval(draws[arm][f"{gap}/{kind}"] - draws[other][f"{gap}/{kind}"]))
-                    for other in out["arms"] if other != arm}
-    return out
-
-
-def image_draws(test, n_resamples: int) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
-    """The test set's bootstrap weights over its images (seed 0: the same draw in every summary, so
-    any two summaries of one test set are paired) and each language's query -> image index."""
-    images = np.unique(np.concatenate(list(test.query_images.values())))
-    query_index = {lang: np.searchsorted(images, ids) for lang, ids in test.query_images.items()}
-    return metrics.image_resamples(len(images), n_resamples, seed=0), query_index, len(images)
-
-
-def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[str, np.ndarray]
-                ) -> tuple[dict, dict[str, np.ndarray]]:
-    """One arm's runs (its seeds) on one test set: (summary, bootstrap draws of every gap)."""
-
-    ranks = {lang: np.stack([unpack_ranks(r["tests"][spec.name][lang]) for r in runs]) for lang in spec.query_langs}
-    recall_draws = {lang: metrics.weighted_recall(r <= 1, query_index[lang], weights) for lang, r in ranks.items()}
-    per_seed = {lang: (r <= 1).mean(axis=1) for lang, r in ranks.items()}
-    languages = {lang: {"R@1": float(per_seed[lang].mean()), "R@1_sd": sd(per_seed[lang]),
-                        **{f"R@{k}": float((r <= k).mean()) for k in (5, 10)},
-                        "MRR": float((1.0 / r).mean()), "n_queries": int(r.shape[1])}
-                 for lang, r in ranks.items()}
-    gaps, draws = {}, {}
-    for gap, (upper, lower) in spec.gaps.items():
-        hi = [lang for lang in spec.groups[upper] if lang in ranks]
-        lo = [lang for lang in spec.groups[lower] if lang in ranks]
-        gaps[gap] = {"upper": hi, "lower": lo}
-        for kind, fn in GAP_KINDS.items():
-            seeds = fn(per_seed, hi, lo)
-            draws[f"{gap}/{kind}"] = fn(recall_draws, hi, lo)
-            gaps[gap][kind] = {"value": float(fn({k: v.mean() for k, v in per_seed.items()}, hi, lo)),
-                               "ci95": list(metrics.percentile_interval(draws[f"{gap}/{kind}"])),
-                               "seed_mean": float(np.mean(seeds)), "seed_sd": sd(np.atleast_1d(seeds))}
-    return {"seeds": [r["seed"] for r in runs], "languages": languages, "gaps": gaps}, draws
-
-
-def compare_teachers(test, baseline: list[dict], other: list[dict], arms: list[str], n_resamples: int) -> dict:
-    """Per arm and gap: the absolute gap under the baseline teacher and under the other, the paired 95%
-    interval of the change (other - baseline) on the same image draws, and each group's R@1 under both
-    (a gap can also close because the higher group falls). Paired by seed too: only the seeds both
-    teachers have runs of (while the other teacher's runs land, the baseline's same seeds)."""
-    spec = test.spec
-    weights, query_index, _ = image_draws(test, n_resamples)
-    out = {}
-    for arm in arms:
-        base_runs, other_runs = ([r for r in records if r["arm"] == arm and spec.name in r["tests"]]
-                                 for records in (baseline, other))
-        seeds = sorted({r["seed"] for r in base_runs} & {r["seed"] for r in other_runs})
-        base_runs, other_runs = ([r for r in runs if r["seed"] in seeds] for runs in (base_runs, other_runs))
-        if not seeds:
-            continue
-        (base, base_draws), (new, new_draws) = (arm_summary(spec, runs, weights, query_index)
-                                                for runs in (base_runs, other_runs))
-        out[arm] = {gap: {"baseline": base["gaps"][gap]["abs"]["value"], "other": new["gaps"][gap]["abs"]["value"],
-                          "change_ci95": list(metrics.percentile_interval(new_draws[f"{gap}/abs"] - base_draws[f"{gap}/abs"])),
-                          "r1": {group: {"baseline": group_r1(base, base["gaps"][gap][side]),
-                                         "other": group_r1(new, base["gaps"][gap][side])}
-                                 for group, side in zip(spec.gaps[gap], ("upper", "lower"))},
-                          "seeds": seeds}
-                    for gap in spec.gaps}
-    return out
-
-
-def choice_comparison(tests, choice_runs: dict[str, dict], baseline: str, n_resamples: int) -> dict:
-    """Per test set, candidate and gap: the choice run's gap under the baseline teacher and under this
-    candidate, with the paired interval of the change. Nothing else differs between choice runs, so this
-    is the teacher's own effect (one seed, default knobs)."""
-    if baseline not in choice_runs:
-        return {}
-    return {t.spec.name: {teacher: compare_teachers(t, [choice_runs[baseline]], [run], ["mse"], n_resamples).get("mse", {})
-                          for teacher, run in choice_runs.items() if teacher != baseline} for t in tests}
-
-
-def sd(values: np.ndarray) -> float:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
 def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dict, task_teacher: dict | None,
                   choice: dict, curves: list[dict] = (), choice_runs: dict[str, dict] | None = None) -> dict:
     """results.json, RESULTS.md and plots from the records so far. ``runs``: teacher name -> its
-    :class:`optical_ray.experiment.Teacher` (the baseline first); ``choice``: the teacher choice on dev;
+    :class:`optical_ray.research.runner.Teacher` (the baseline first); ``choice``: the teacher choice on dev;
     ``choice_runs``: candidate teacher -> its choice run (the same MSE run under each teacher)."""
     trained = [arm for arm in cfg.arms if arm != "none"]
     baseline, *others = runs.values()
@@ -142,8 +43,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
         "arms": arms_summary(cfg.arms, records, baseline.sweeps),
         "tests": {t.spec.name: summarize_test(t, records, cfg.arms, cfg.bootstrap) for t in tests},
         "bootstrap": cfg.bootstrap,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available()},
+        "machines": machines([*untrained, *(r for t in runs.values() for r in t.records),
+                              *(choice_runs or {}).values(), *curves, *([task_teacher] if task_teacher else [])]),
         "wall_time_s": sum(r.get("wall_s", 0.0) for t in runs.values() for r in t.records)
                        + sum(r.get("wall_s", 0.0) for r in untrained),
     }
@@ -167,12 +68,29 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
         results["curve_teacher"] = curves[0]["teacher"]
         results["curve_seed"] = curves[0]["seed"]
+    results["multiplicity"] = families(results)
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "RESULTS.md").write_text(results_markdown(results, cfg))
     plot_results(results, out)
     return results
+
+
+def machines(records: list[dict]) -> dict:
+    """The machines the records name (records from before they named one are counted apart)."""
+    named = [json.dumps(r["machine"], sort_keys=True) for r in records if "machine" in r]
+    return {"named": [{**json.loads(m), "records": named.count(m)} for m in sorted(set(named))],
+            "unnamed": len(records) - len(named)}
+
+
+def machines_sentence(found: dict) -> str:
+    parts = [f"{m['platform']}, {m['cpus']} CPUs, torch {m['torch']}, CUDA {'yes' if m['cuda'] else 'no'} "
+             f"({m['records']} records)" for m in found["named"]]
+    if found["unnamed"]:
+        parts.append(f"not named by {found['unnamed']} records written before records named their machine "
+                     "(2-CPU Linux boxes, torch 2.13.0+cpu, no CUDA, as the earlier versions of this report said)")
+    return "Machines: " + "; ".join(parts) + "."
 
 
 def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice: dict, choice_runs: dict,
@@ -218,49 +136,11 @@ def status_line(status: dict) -> str:
     return line + f": {'; '.join(status['pending'])}. `optical-ray experiment` continues where it stopped."
 
 
-def summarize_curves(test, curves: list[dict], n_resamples: int, start: dict | None = None) -> dict:
-    """Per curve (arm): each evaluated checkpoint's pairs seen, absolute gaps with 95% intervals and each
-    group's R@1. ``start``, the undistilled student's record, is every curve's point at 0 pairs."""
-    spec = test.spec
-    weights, query_index, _ = image_draws(test, n_resamples)
-    out = {}
-    for curve in curves:
-        evaluated = {int(step): tests for step, tests in curve["points"].items() if spec.name in tests}
-        if evaluated and start is not None and spec.name in start["tests"]:
-            evaluated[0] = start["tests"]
-        points = []
-        for step, tests in sorted(evaluated.items()):
-            summary, _ = arm_summary(spec, [{"seed": curve["seed"], "tests": tests}], weights, query_index)
-            points.append({"step": step, "pairs": step * curve["batch_size"],
-                           "gaps": {gap: {"value": g["abs"]["value"], "ci95": g["abs"]["ci95"]}
-                                    for gap, g in summary["gaps"].items()},
-                           "r1": {group: group_r1(summary, present) for group, langs in spec.groups.items()
-                                  if (present := [lang for lang in langs if lang in summary["languages"]])}})
-        out[curve["arm"]] = points
-    return out
-
-
 def arms_summary(arms: list[str], records: list[dict], sweeps: dict[str, dict]) -> dict:
     return {arm: {"label": arm_label(arm), "seeds": [r["seed"] for r in records if r["arm"] == arm],
                   "params": sweeps.get(arm, {}).get("params", {}),
                   "sweep_trials": len(sweeps.get(arm, {}).get("trials", [])),
                   "dev": mean_dev([r for r in records if r["arm"] == arm])} for arm in arms}
-
-
-def mean_dev(records: list[dict]) -> dict:
-    keys = sorted({k for r in records for k in r.get("dev", {})})
-    return {k: float(np.mean([r["dev"][k] for r in records if k in r.get("dev", {})])) for k in keys}
-
-
-def clear(interval: list[float]) -> str:
-    """'smaller' / 'larger' when the paired 95% interval of a difference excludes 0."""
-    lo, hi = interval
-    return "smaller" if hi < 0 else "larger" if lo > 0 else "unclear"
-
-
-def group_r1(summary: dict, langs: list[str]) -> float:
-    """Mean R@1 of a language group in one arm's summary."""
-    return float(np.mean([summary["languages"][lang]["R@1"] for lang in langs]))
 
 
 def answer_lines(results: dict) -> list[str]:
@@ -325,8 +205,9 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
     d = cfg.distill
     lines = ["# Which loss terms narrow the high/low-resource R@1 gap, and does it reach unseen languages?", "",
              status_line(results["status"]), "",
-             "## Answer (absolute R@1 gap; paired 95% image-bootstrap intervals vs no distillation)", "",
-             *(answer_lines(results) or ["(no trained arm recorded yet)"]), "", "## Method", ""]
+             "## Answer (absolute R@1 gap; 95% intervals over images and training seeds, vs no distillation)", "",
+             *(answer_lines(results) or ["(no trained arm recorded yet)"]), "", *multiplicity_markdown(results),
+             "## Method", ""]
     held = ", ".join(results["held_out_languages"]) or "none"
     lines += [
         (f"- Every arm starts from `{d.student}` with teacher `{results['teacher']}`"
@@ -341,8 +222,10 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
         *knob_table(results["arms"])]
     lines += ["", ("- R@1: mean over seeds (± seed standard deviation). Gaps: absolute (`abs`, used by the answer) "
                    "and relative error rate (`rel` = (1 − R@1 low) / (1 − R@1 high)); intervals are 95% percentile "
-                   f"bootstraps over images ({results['bootstrap']} resamples), the same draw for every language, "
-                   "seed and arm; \"vs (0)\" is the paired interval of the change."), ""]
+                   f"bootstraps ({results['bootstrap']} resamples) at two levels: the test set's images (the same "
+                   "draw for every language, seed and arm, so differences are paired on images) and each arm's "
+                   "training seeds (drawn independently per arm and teacher); \"vs (0)\" is the interval of the "
+                   "change."), ""]
     for name, test in results["tests"].items():
         arms = test["arms"]
         if not arms:
@@ -367,15 +250,52 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
     lines += teacher_markdown(results) + curves_markdown(results)
-    machine = results["machine"]
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
               ("Finished runs are recorded in `runs/` (one JSON per arm and seed, keyed by a hash of its effective "
                "config) and sweeps in `sweeps/`; a rerun skips them. "
-               f"Machine: {machine['platform']}, {machine['cpus']} CPUs, torch {machine['torch']}, "
-               f"CUDA {'yes' if machine['cuda'] else 'no'}. Training + evaluation time of the recorded runs: "
+               f"{machines_sentence(results['machines'])} Training + evaluation time of the recorded runs: "
                f"{results['wall_time_s'] / 60:.0f} min (sweeps not included)."), ""]
     return "\n".join(lines)
+
+
+FAMILY_TITLES = {"vs_none": "every arm vs no distillation", "ot_added": "OT added to contrastive",
+                 "teacher": "the chosen teacher vs the baseline, per arm"}
+
+
+def multiplicity_markdown(results: dict) -> list[str]:
+    """Which conclusions survive seed variance and Holm's correction, family by family."""
+    found = results.get("multiplicity", {})
+    if not found:
+        return []
+    lines = ["## Seeds and multiplicity", "",
+             ("Every interval in this report resamples each arm's training seeds as well as the images "
+              "(hierarchical bootstrap). Per family of comparisons (absolute gaps): how many changes exclude 0 "
+              "over images alone (the intervals of earlier versions of this report), over images and seeds, and "
+              "after Holm's correction within the family (family-wise α = 0.05; p-values from a Wald test with "
+              "the bootstrap standard error). Conclusions outside these families, and every one that does not "
+              "survive Holm, are exploratory."), "",
+             "| family | teacher | changes | clear (images) | clear (images + seeds) | clear after Holm |",
+             "|---|---|---|---|---|---|"]
+    for name, family in found.items():
+        kind, _, teacher = name.partition("/")
+        label = teacher_label(results, teacher) if teacher else teacher_label(results, results["chosen_teacher"]["teacher"])
+        counts = [sum(c[f"clear_{level}"] != "unclear" for c in family) for level in ("images", "seeds", "holm")]
+        lines.append(f"| {FAMILY_TITLES[kind]} | {label} | {len(family)} | " + " | ".join(map(str, counts)) + " |")
+    lines.append("")
+    changed = [(name, c) for name, family in found.items() for c in family if c["clear_images"] != c["clear_holm"]]
+    if changed:
+        lines += ["Conclusions that change (images alone → with seeds → after Holm):", ""]
+        for name, c in changed:
+            kind, _, teacher = name.partition("/")
+            who = f"{arm_label(c['arm'])} vs {arm_label(c['against'])}" if kind != "teacher" else \
+                f"{arm_label(c['arm'])}, {teacher_label(results, results['chosen_teacher']['teacher'])} vs `{c['against']}`"
+            under = f" ({teacher_label(results, teacher)} teacher)" if teacher else ""
+            lines.append(f"- {c['test']} `{c['gap']}`, {who}{under}: {c['change']:+.3f}; "
+                         f"{c['clear_images']} {fmt_interval(c['ci95_images'])} → {c['clear_seeds']} "
+                         f"{fmt_interval(c['ci95'])} → {c['clear_holm']} (Holm p {c['p_holm']:.3f})")
+        lines.append("")
+    return lines
 
 
 def teacher_markdown(results: dict) -> list[str]:
@@ -387,9 +307,7 @@ def teacher_markdown(results: dict) -> list[str]:
     lines = ["## A teacher that knows the task", ""]
     task = choice.get("task_trained")
     if task:
-        from .teacher import report_markdown
-
-        lines += [report_markdown(task["report"]).split("\n", 2)[2].rstrip(), "", f"Model: `{task['model']}`.", ""]
+        lines += [teacher_report_markdown(task["report"]).split("\n", 2)[2].rstrip(), "", f"Model: `{task['model']}`.", ""]
     lines += choice_markdown(results)
     if "chosen" not in choice:
         return lines + ["The choice among " + ", ".join(f"`{t}`" for t in choice["candidates"]) + " is not made yet.", ""]

@@ -15,7 +15,7 @@ changes when the teacher already knows the retrieval task?
    every arm and seed again with it (retuned, or with the baseline's knobs);
 4. the training-length curves (``curve``): a longer run per listed arm with the teacher its knobs were
    swept under, evaluated at each kept checkpoint;
-5. :func:`optical_ray.reports.write_results` turns the records into results.json, RESULTS.md and plots
+5. :func:`optical_ray.research.report.write_results` turns the records into results.json, RESULTS.md and plots
    (refreshed after every run, so partial results are readable).
 
 Held-out languages (``held_out_languages``) are removed from training and from the dev objective, so
@@ -24,11 +24,11 @@ nothing is trained or chosen on them; they stay in the test sets.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import json
 import logging
 import math
+import os
+import platform
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -36,26 +36,29 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from . import checkpoints, data
-from .arms import ARMS, check_arms
-from .config import (
+from .. import checkpoints, data
+from ..config import (
     TASK_TRAINED,
     DistillConfig,
     ExperimentConfig,
-    SweepConfig,
     TeacherConfig,
     TestSet,
     derive,
     to_dict,
     training_fields,
 )
-from .distill import dev_metrics
-from .encoder import Encoder
-from .evaluate import COMPARISON_MAX_LENGTH, rank_queries
-from .metrics import pack_ranks
-from .model_store import model_revision
-from .reports import write_results
+from ..distill import dev_metrics
+from ..encoder import Encoder
+from ..evaluate import COMPARISON_MAX_LENGTH, rank_queries
+from ..metrics import pack_ranks
+from ..model_store import model_revision
+from ..teacher import dev_recall
+from ..train import run_training, train_teacher
+from ..tune import OBJECTIVES, run_sweep
+from .plan import ARMS, arm_config, check_arms, config_key, placement, sweep_config, sweep_key
+from .report import write_results
 
 log = logging.getLogger(__name__)
 
@@ -63,54 +66,6 @@ log = logging.getLogger(__name__)
 # (other CPU kernels): its dev R@1 may move this much -- 7 of the 1,500 dev queries -- and it is still
 # the recorded teacher.
 TEACHER_REBUILD_TOLERANCE = 0.005
-
-
-def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params: dict | None = None,
-               run: str | None = None) -> DistillConfig:
-    """The distill config of one run: the experiment's ``distill`` section with the arm's loss weights,
-    its chosen knob values, the seed, and every held-out language removed from training and dev."""
-    from .tune import KNOBS
-
-    weights = ARMS[arm].weights
-    if weights is None:
-        raise ValueError(f"arm {arm!r} is not trained")
-    held = set(cfg.held_out_languages)
-    d = cfg.distill.data
-    name = run or f"{arm.replace('+', '-')}-seed{seed}"
-    overrides = {
-        "teacher": teacher, "seed": seed,
-        "loss.ot_weight": weights.ot, "loss.contrastive_weight": weights.contrastive, "loss.mse_weight": weights.mse,
-        "data.languages": [lang for lang in d.languages if lang not in held],
-        "data.dev_languages": [lang for lang in d.dev_languages if lang not in held],
-        "data.high_resource": [lang for lang in d.high_resource if lang not in held],
-        "data.low_resource": [lang for lang in d.low_resource if lang not in held],
-        **placement(cfg, name),
-        **{KNOBS[k]: v for k, v in (params or {}).items()},
-    }
-    return derive(cfg.distill, overrides)
-
-
-def placement(cfg: ExperimentConfig, name: str, folder: str = "arms") -> dict:
-    """Where a run named ``name`` writes: its model under out_dir/folder (the task teacher's right under
-    out_dir: folder ""), its Ray storage under out_dir/ray."""
-    return {"output_dir": str(Path(cfg.out_dir) / folder / name),
-            "ray.storage_path": str((Path(cfg.out_dir) / "ray").resolve()), "ray.name": name}
-
-
-def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
-    """The arm's sweep: the experiment's search ranges for the arm's knobs only, on the first seed."""
-    sweep = copy.deepcopy(cfg.sweep)
-    sweep.distill = arm_config(cfg, arm, teacher, cfg.seeds[0], run=f"sweep-{arm.replace('+', '-')}")
-    for knob in vars(sweep.search):
-        if knob not in ARMS[arm].knobs:
-            setattr(sweep.search, knob, [])
-    sweep.storage_path = str((Path(cfg.out_dir) / "tune").resolve())
-    return sweep
-
-
-def config_key(value: dict) -> str:
-    """A short, stable hash of a config: records are reused only for exactly the same run."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -143,20 +98,14 @@ def tests_key(tests: list[TestData]) -> list[dict]:
 
 
 def write_record(path: Path, record: dict) -> None:
-    """Written whole or not at all: a record that exists is a finished run."""
+    """Written whole or not at all: a record that exists is a finished run. It names the machine that
+    first wrote it, so a report says where its runs ran, whichever machine writes the report."""
+    record.setdefault("machine", {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                                  "cuda": torch.cuda.is_available()})
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(record, indent=1) + "\n")
     partial.replace(path)
-
-
-def sweep_key(sweep: SweepConfig) -> str:
-    """What a sweep record is keyed by: everything but where its trials run and write."""
-    fields = to_dict(sweep)
-    for where in ("storage_path", "custom_resources"):
-        fields.pop(where)
-    fields["distill"] = training_fields(sweep.distill)
-    return config_key(fields)
 
 
 class Runner:
@@ -211,8 +160,6 @@ class Runner:
         return params
 
     def trained(self, arm: str, seed: int, teacher: str, params: dict) -> dict | None:
-        from .train import run_training
-
         arm_cfg, key, path = self.run_config(arm, seed, teacher, params)
         if (record := self._recorded(path)) is not None:
             log.info("%s seed %d: recorded in %s, skipped", arm, seed, path)
@@ -267,8 +214,6 @@ class Runner:
             return record if record["points"] else None
         folder = Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name
         if not (folder / f"step_{curve.steps:07d}").exists():
-            from .train import run_training
-
             log.info("curve %s: training %d steps; Ray storage %s", stem, curve.steps, folder)
             run_training(arm_cfg)
             self.discard(arm_cfg.output_dir)  # the exported copy; the checkpoints are what is evaluated
@@ -295,8 +240,6 @@ class Runner:
     def task_teacher(self) -> dict:
         """Train (or find recorded) the experiment's own teacher: ``teacher_training`` with its output
         under ``out_dir``. The record holds its before/after report and where the model is."""
-        from .train import train_teacher
-
         teacher_cfg, key, path = self.teacher_config()
         model = str(Path(teacher_cfg.output_dir) / "student")  # the root: its latest version
         record = self._recorded(path)
@@ -317,9 +260,6 @@ class Runner:
         """Train the recorded teacher again when its model is gone (out_dir does not outlive a machine,
         the record does), checked against the record by its dev R@1 instead of the whole before/after
         report: runs recorded with the first model are only comparable with runs of the same teacher."""
-        from .teacher import dev_recall
-        from .train import run_training
-
         log.info("the task teacher is recorded in %s but its model is gone: training it again; Ray storage %s/%s",
                  path, teacher_cfg.ray.storage_path, teacher_cfg.ray.name)
         started = time.time()
@@ -337,8 +277,6 @@ class Runner:
         return record
 
     def sweep(self, arm: str, teacher: str) -> dict:
-        from .tune import run_sweep
-
         sweep = sweep_config(self.cfg, arm, teacher)
         key = sweep_key(sweep)
         path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
@@ -360,8 +298,6 @@ class Runner:
 def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str, dict]) -> dict:
     """The candidate whose choice run -- the same MSE run (default knobs, first seed) under each teacher,
     which the report also compares on the test sets -- scores best on dev. {} while a run is missing."""
-    from .tune import OBJECTIVES
-
     if any(teacher not in runs for teacher in candidates):
         return {}
     scores = {teacher: float(OBJECTIVES[cfg.sweep.objective](runs[teacher]["dev"])) for teacher in candidates}
