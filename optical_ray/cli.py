@@ -144,7 +144,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from .prepare import TableOptions, prepare_bitext
 
     prepared = prepare_bitext(
-        args.out, captions=args.captions or [], languages=args.languages or [], aligned=args.aligned or [],
+        args.out, captions=args.captions or [], languages=args.languages or [], pairing=args.pairing,
+        aligned=args.aligned or [],
         tables=args.pairs or [], lang=args.lang, table_options=TableOptions(
             args.english_field, args.translation_field, args.lang_field, not args.no_header, args.format),
         exclude_images_from=args.exclude_images_from or [], exclude_texts_from=args.exclude_texts_from or [],
@@ -374,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
                "      --out s3://bucket/bitext/")
     p.add_argument("--captions", action="append", help="caption table file or folder (repeatable; needs --languages)")
     p.add_argument("--languages", type=_csv, help="for --captions: comma-separated tags, e.g. de,fr,ay,gn,qu")
+    p.add_argument("--pairing", choices=["translation", "image_pivot"], default="translation",
+                   help="for --captions: pair each caption with the English caption it translates, or with another "
+                        "English description of the same image (independent descriptions included)")
     p.add_argument("--aligned", nargs=2, action="append", metavar=("ENGLISH_FILE", "OTHER_FILE"),
                    help="line-aligned files (OPUS Moses format), one sentence per line; the language is OTHER_FILE's "
                         "suffix when that is a tag (corpus.en-sw.sw -> sw), else --lang (repeatable)")

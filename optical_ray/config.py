@@ -108,6 +108,10 @@ class DataConfig(Config):
     # Or bitext shards written by `optical-ray data prepare` (a folder, local or s3://); when set,
     # `train`, `languages` and `exclude_images_from` were applied at preparation and are ignored.
     bitext: Uri | None = None
+    # How caption tables become pairs: `translation` pairs each caption with the English caption it
+    # translates; `image_pivot` with another English description of the same image, independent
+    # descriptions (e.g. Multi30k task 2 German) included (data.bitext_pairs).
+    pairing: Literal["translation", "image_pivot"] = "translation"
     # Languages paired with English for training.
     languages: Languages = Field(default_factory=lambda: ["de", "fr", "es", "ay", "gn", "qu"])
     # Images in these tables never enter training (keep every evaluation set here).
@@ -279,8 +283,8 @@ class TeacherConfig(TrainingConfig):
 # Where a run writes and how often it saves: not part of what it trains.
 NOT_TRAINING = ("output_dir", "ray", "checkpoint_every", "test_sets")
 # Fields added after records were keyed, with the default that trains what the records trained.
-ADDED_LATER = {("data", "drop_blank"): False, ("data", "dev_bitext"): {}, ("data", "dev_beir"): None,
-               ("data", "dev_beir_split"): "dev", ("length_buckets",): 0}
+ADDED_LATER = {("data", "drop_blank"): False, ("data", "pairing"): "translation", ("data", "dev_bitext"): {},
+               ("data", "dev_beir"): None, ("data", "dev_beir_split"): "dev", ("length_buckets",): 0}
 
 
 def training_fields(cfg: TrainingConfig) -> dict:
@@ -552,6 +556,12 @@ class ExperimentConfig(Config):
     teachers: list[str] = Field(default_factory=lambda: ["student-init"], min_length=1)
     teacher_training: TeacherConfig | None = None
     retune_for_teacher: StrictBool = True  # false: the chosen teacher's arms reuse the baseline's swept knobs
+    # Arms run with the chosen teacher only (the baseline's runs stay as recorded), e.g. an arm added
+    # after the choice; with one teacher they run with it.
+    chosen_teacher_arms: Names = Field(default_factory=list)
+    # Tables the image-pivot arms also train on (English descriptions, independent descriptions: Multi30k
+    # task 2); no other arm reads them.
+    pivot_train: Uris = Field(default_factory=list)
     curve: CurveConfig | None = None  # after everything else: gap vs pairs seen, for a few arms
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)
@@ -564,6 +574,13 @@ class ExperimentConfig(Config):
     def _task_trained_needs_training(self) -> ExperimentConfig:
         if TASK_TRAINED in self.teachers and self.teacher_training is None:
             raise ValueError(f"teachers lists {TASK_TRAINED!r} but no teacher_training section says how to train it")
+        return self
+
+    @model_validator(mode="after")
+    def _chosen_teacher_arms_are_arms(self) -> ExperimentConfig:
+        unknown = [arm for arm in self.chosen_teacher_arms if arm not in self.arms]
+        if unknown:
+            raise ValueError(f"chosen_teacher_arms names {', '.join(unknown)}, not among the arms ({', '.join(self.arms)})")
         return self
 
     @model_validator(mode="after")

@@ -3,7 +3,8 @@
 A caption table is Parquet with the columns of ``CAPTION_COLUMNS`` (the schema of the shared
 multilingual Flickr30k data). :func:`read_captions` validates it and names the file, row (counting
 from 0) and field of anything wrong. :func:`bitext_pairs` joins each non-English caption to the
-English caption it translates, keeps evaluation images out, and accounts for every row it drops.
+English caption it translates (or, pivoting on the image, to another English description of the same
+picture), keeps evaluation images out, and accounts for every row it drops.
 """
 
 from __future__ import annotations
@@ -140,26 +141,38 @@ class BitextReport:
         return "\n".join(rows)
 
 
-def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] | None = None
-                 ) -> tuple[pa.Table, BitextReport]:
-    """English <-> L pairs for each L in ``langs``, joined on (image_id, caption_idx).
+PAIRINGS = ("translation", "image_pivot")
 
-    Only sources whose rows translate the English caption line by line are joined; rows of
-    independent-description sources, rows without an English partner, duplicates and rows of
-    ``exclude_images`` are dropped and counted in the report.
+
+def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] | None = None,
+                 pairing: str = "translation") -> tuple[pa.Table, BitextReport]:
+    """English <-> L pairs for each L in ``langs``.
+
+    ``translation``: each L caption with the English caption it translates, joined on (image_id,
+    caption_idx); rows of independent-description sources cannot be bitext and are dropped.
+    ``image_pivot``: each L caption -- translation or independent description -- with a *different*
+    English description of the same image (the next caption index after its own that the tables have),
+    so what is learnt is describing the same picture rather than matching a translation.
+
+    Rows without an English partner, duplicates and rows of ``exclude_images`` are dropped and counted in
+    the report.
     """
     check_languages(langs, "bitext languages")
+    if pairing not in PAIRINGS:
+        raise DataError(f"pairing {pairing!r} is not one of {', '.join(PAIRINGS)}")
     report = BitextReport()
     exclude = pa.array(sorted(exclude_images or ()), type=pa.string())
 
     held_out = pc.is_in(captions["image_id"], value_set=exclude)
     english = captions.filter(pc.and_(pc.equal(captions["lang"], "en"), pc.invert(held_out)))
     english = unique_rows(english.select(["image_id", "caption_idx", "text"]), ["image_id", "caption_idx"])
-    english = english.rename_columns(["image_id", "caption_idx", "english"])
+    english = english.rename_columns(["image_id", "english_idx" if pairing == "image_pivot" else "caption_idx", "english"])
 
     others = captions.filter(pc.is_in(captions["lang"], value_set=pa.array(langs)))
-    for column, values, reason in (("source", pa.array(INDEPENDENT_SOURCES), "independent descriptions (not translations)"),
-                                   ("image_id", exclude, "evaluation images")):
+    drops = [("image_id", exclude, "evaluation images")]
+    if pairing == "translation":
+        drops.insert(0, ("source", pa.array(INDEPENDENT_SOURCES), "independent descriptions (not translations)"))
+    for column, values, reason in drops:
         mask = pc.is_in(others[column], value_set=values)
         report.drop(others["lang"].filter(mask), reason)
         others = others.filter(pc.invert(mask))
@@ -167,8 +180,12 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
     report.drop(removed_languages(others["lang"], unique["lang"]), "duplicates")
     others = unique
 
-    joined = others.join(english, keys=["image_id", "caption_idx"], join_type="inner")
-    report.drop(removed_languages(others["lang"], joined["lang"]), "no English caption with the same image_id and caption_idx")
+    if pairing == "translation":
+        joined = others.join(english, keys=["image_id", "caption_idx"], join_type="inner")
+        report.drop(removed_languages(others["lang"], joined["lang"]), "no English caption with the same image_id and caption_idx")
+    else:
+        joined = pivot_join(others, english)
+        report.drop(removed_languages(others["lang"], joined["lang"]), "no other English description of the image")
     pairs = pa.table({
         "image_id": joined["image_id"], "caption_idx": joined["caption_idx"], "lang": joined["lang"],
         "english": joined["english"], "translation": joined["text"],
@@ -179,6 +196,19 @@ def bitext_pairs(captions: pa.Table, langs: list[str], exclude_images: set[str] 
         raise DataError(f"no bitext pairs for language(s) {', '.join(missing)} in the given tables")
     log.info(report.summary())
     return pairs, report
+
+
+def pivot_join(others: pa.Table, english: pa.Table) -> pa.Table:
+    """Each row of ``others`` with one English description of its image whose index differs from its
+    own: the first after it, cyclically (index 2 of captions 0-4 gets 3; 4 gets 0)."""
+    joined = others.join(english, keys="image_id", join_type="inner")
+    own, theirs = joined["caption_idx"].to_numpy(), joined["english_idx"].to_numpy()
+    joined = joined.filter(pa.array(own != theirs))
+    step = (joined["english_idx"].to_numpy() - joined["caption_idx"].to_numpy()) % 1000  # 1 first: the next index
+    joined = joined.append_column("_step", pa.array(step)).sort_by(
+        [("image_id", "ascending"), ("caption_idx", "ascending"), ("lang", "ascending"), ("text", "ascending"),
+         ("_step", "ascending")])
+    return unique_rows(joined, ["image_id", "caption_idx", "lang", "text"]).drop_columns(["_step", "english_idx"])
 
 
 def removed_languages(before: pa.ChunkedArray, after: pa.ChunkedArray) -> list[str]:

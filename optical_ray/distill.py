@@ -52,7 +52,7 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
         return pa.concat_tables([storage.read_parquet(f) for f in data.check_bitext_shards(cfg.data.bitext)])
     captions = data.read_captions(cfg.data.train, cfg.data.drop_blank)
     held_out = data.image_ids(cfg.data.exclude_images_from, cfg.data.drop_blank)
-    return data.bitext_pairs(captions, cfg.data.languages, held_out)[0]
+    return data.bitext_pairs(captions, cfg.data.languages, held_out, cfg.data.pairing)[0]
 
 
 def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: int = 1,

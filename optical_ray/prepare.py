@@ -34,7 +34,7 @@ class Prepared:
     report: data.BitextReport = field(default_factory=data.BitextReport)
 
 
-def prepare_bitext(out: str, captions: list[str] = (), languages: list[str] = (),
+def prepare_bitext(out: str, captions: list[str] = (), languages: list[str] = (), pairing: str = "translation",
                    aligned: list[tuple[str, str]] = (), tables: list[str] = (), table_options: TableOptions | None = None,
                    lang: str | None = None, exclude_images_from: list[str] = (), exclude_texts_from: list[str] = (),
                    max_chars: int = 1000, drop_blank: bool = False, tokenize: list[str] = (), max_length: int = 64,
@@ -42,7 +42,7 @@ def prepare_bitext(out: str, captions: list[str] = (), languages: list[str] = ()
     """Read every source, clean the pairs (:func:`optical_ray.parallel.clean_pairs`), tokenise them for
     each model of ``tokenize`` and write shards under ``out``.
 
-    ``captions`` are caption tables paired for ``languages``; ``aligned`` are (English file, L file)
+    ``captions`` are caption tables paired for ``languages`` (``pairing``: see :func:`data.bitext_pairs`); ``aligned`` are (English file, L file)
     pairs; ``tables`` are TSV/CSV/JSON Lines/Parquet files read with ``table_options``. ``lang`` is the
     language of the aligned files and tables that do not name theirs. The images of
     ``exclude_images_from`` (caption tables) stay out, and so does every pair with a side whose text
@@ -55,7 +55,7 @@ def prepare_bitext(out: str, captions: list[str] = (), languages: list[str] = ()
     parts = []
     if captions:
         pairs, report = data.bitext_pairs(data.read_captions(captions, drop_blank), languages,
-                                          data.image_ids(exclude_images_from, drop_blank))
+                                          data.image_ids(exclude_images_from, drop_blank), pairing)
         parts.append(pairs)
     parts += [parallel.read_aligned(english, other, lang) for english, other in aligned]
     options = table_options or TableOptions()

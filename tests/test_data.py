@@ -47,6 +47,32 @@ def test_bitext_pairs_join_and_account_for_every_dropped_row(tmp_path):
     assert report.pairs["de"] + sum(report.dropped["de"].values()) == de_rows  # nothing lost silently
 
 
+def test_image_pivot_pairs_a_caption_with_another_english_description_of_its_image(tmp_path):
+    """By hand: img1 has English descriptions 0, 1 and 2 (Multi30k task 2); its German translation of
+    description 1 gets description 2, the German independent description 0 gets 1, and the Quechua
+    translation of 2 gets 0 (cyclically the next index there is). img2 has one English caption: its
+    German translation has no other description to pair with, and is counted."""
+    t2 = "multi30k-task2"
+    rows = [("img1", 0, "en", "A dog runs.", t2), ("img1", 1, "en", "A brown dog on grass.", t2),
+            ("img1", 2, "en", "An animal outdoors.", t2), ("img1", 1, "de", "Ein brauner Hund auf Gras.", T1),
+            ("img1", 0, "de", "Ein Hund spielt draußen.", t2), ("img1", 2, "qu", "Uywa hawapi.", "multiscript30k-mt-en2qu"),
+            ("img2", 0, "en", "Two kids play.", T1), ("img2", 0, "de", "Zwei Kinder spielen.", T1),
+            ("test1", 0, "en", "A cat sleeps.", t2), ("test1", 1, "en", "A cat on a bed.", t2),
+            ("test1", 0, "de", "Eine Katze schläft.", T1)]
+    table = data.read_captions(write(tmp_path, captions(rows)))
+    pairs, report = data.bitext_pairs(table, ["de", "qu"], exclude_images={"test1"}, pairing="image_pivot")
+    got = sorted(zip(pairs["lang"].to_pylist(), pairs["translation"].to_pylist(), pairs["english"].to_pylist()))
+    assert got == [("de", "Ein Hund spielt draußen.", "A brown dog on grass."),
+                   ("de", "Ein brauner Hund auf Gras.", "An animal outdoors."),
+                   ("qu", "Uywa hawapi.", "A dog runs.")]
+    assert report.pairs == {"de": 2, "qu": 1}
+    assert report.dropped == {"de": {"evaluation images": 1, "no other English description of the image": 1}}
+    translated, _ = data.bitext_pairs(table, ["de", "qu"], exclude_images={"test1"})  # the default: translations
+    assert sorted(translated["english"].to_pylist()) == ["A brown dog on grass.", "An animal outdoors.", "Two kids play."]
+    with pytest.raises(DataError, match="pairing 'pivot' is not one of translation, image_pivot"):
+        data.bitext_pairs(table, ["de"], pairing="pivot")
+
+
 def test_bitext_for_a_language_with_no_pairs_is_an_error(tmp_path):
     table = data.read_captions(write(tmp_path, captions(ROWS)))
     with pytest.raises(DataError, match="no bitext pairs for language.*fr"):

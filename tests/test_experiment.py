@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pytest
 from conftest import REPO
 
-from optical_ray.config import SAMPLE_DIR, ExperimentConfig, load_config, training_fields
+from optical_ray.config import SAMPLE_DIR, ConfigError, ExperimentConfig, load_config, training_fields
 from optical_ray.distill import load_bitext
 from optical_ray.metrics import pack_ranks, unpack_ranks
 from optical_ray.research.plan import ARMS, arm_config, config_key, sweep_config
@@ -42,6 +42,20 @@ def test_each_arm_becomes_its_config_and_sweeps_only_its_knobs(tmp_path, arm):
     swept = {knob for knob, bounds in vars(sweep_config(cfg, arm, "minilm-en").search).items() if bounds}
     assert swept == set(ARMS[arm].knobs) and "lr" in swept
     assert ("sinkhorn_reg" in swept) == bool(weights.ot) and ("temperature" in swept) == bool(weights.contrastive)
+
+
+def test_the_image_pivot_arm_trains_on_other_descriptions_and_leaves_the_other_arms_as_they_were(tmp_path):
+    pivot_table = str(SAMPLE_DIR / "val_english_captions.parquet")  # five English descriptions per image
+    cfg = experiment_config(tmp_path, pivot_train=[pivot_table], arms=["none", "contrastive", "pivot-contrastive"],
+                            chosen_teacher_arms=["pivot-contrastive"], teachers=["student-init", "minilm-en"])
+    pivot = arm_config(cfg, "pivot-contrastive", "minilm-en", seed=0)
+    assert pivot.data.pairing == "image_pivot" and pivot.data.train == [*cfg.distill.data.train, pivot_table]
+    plain = arm_config(cfg, "contrastive", "minilm-en", seed=0)
+    assert plain.data.pairing == "translation" and plain.data.train == cfg.distill.data.train
+    assert config_key(training_fields(plain)) == config_key(training_fields(
+        arm_config(experiment_config(tmp_path), "contrastive", "minilm-en", seed=0)))  # its records are still found
+    with pytest.raises(ConfigError, match="chosen_teacher_arms names ot, not among the arms"):
+        experiment_config(tmp_path, chosen_teacher_arms=["ot"], arms=["none", "mse"])
 
 
 def test_the_untrained_arm_has_no_config(tmp_path):
@@ -481,3 +495,27 @@ def test_holm_within_each_family_of_reported_changes():
     assert [c["clear_seeds"] for c in family] == ["smaller", "unclear", "smaller"]
     assert all(c["clear_images"] == "smaller" for c in family)
     assert family[0]["change"] == pytest.approx(-0.1)
+
+
+def test_chosen_teacher_arms_run_with_the_chosen_teacher_only(tmp_path, monkeypatch):
+    """The runner's order, without training: the baseline teacher's arms, the choice, then every arm with
+    the chosen teacher -- including the arms that run with it only."""
+    from optical_ray.research import runner
+
+    cfg = experiment_config(tmp_path, arms=["none", "contrastive", "pivot-contrastive"], seeds=[0],
+                            teachers=["student-init", "minilm-en"], chosen_teacher_arms=["pivot-contrastive"])
+    trained = []
+    monkeypatch.setattr(runner, "load_test_sets", lambda cfg: [])
+    monkeypatch.setattr(runner, "write_results", lambda *args, **kwargs: {})
+    monkeypatch.setattr(runner.Runner, "untrained", lambda self: {"arm": "none"})
+    monkeypatch.setattr(runner.Runner, "sweep", lambda self, arm, teacher: {"params": {}, "trials": []})
+    monkeypatch.setattr(runner.Runner, "settled", lambda self, arm, teacher, params: params)
+
+    def train(self, arm, seed, teacher, params):
+        trained.append((arm, teacher))
+        return {"arm": arm, "seed": seed, "teacher": teacher, "dev": {"dev_r1_low": 0.5 if teacher == "minilm-en" else 0.1}}
+
+    monkeypatch.setattr(runner.Runner, "trained", train)
+    runner.run_experiment(cfg)
+    assert trained == [("contrastive", "student-init"), ("mse", "student-init"), ("mse", "minilm-en"),
+                       ("contrastive", "minilm-en"), ("pivot-contrastive", "minilm-en")]

@@ -22,6 +22,9 @@ class Arm:
     label: str
     weights: LossWeights | None  # None: the undistilled student
     knobs: tuple[str, ...] = ()  # what its sweep tunes (optical_ray.tune.KNOBS)
+    # How its training pairs are made from the caption tables (data.bitext_pairs); "image_pivot" arms also
+    # read the experiment's ``pivot_train`` tables.
+    pairing: str = "translation"
 
 
 # The arms, in report order. A new arm is one line here.
@@ -34,6 +37,10 @@ ARMS = {
     "contrastive": Arm("(4) contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=0.0), ("lr", "temperature")),
     "mse+contrastive": Arm("(5) MSE + contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=1.0),
                            ("lr", "temperature")),
+    # Each caption with a *different* English description of its image, independent descriptions
+    # included: aimed at retrieval that is more than matching a translation (issue #33 item 5).
+    "pivot-contrastive": Arm("(6) image-pivot contrastive", LossWeights(ot=0.0, contrastive=1.0, mse=0.0),
+                             ("lr", "temperature"), pairing="image_pivot"),
 }
 
 
@@ -64,6 +71,8 @@ def arm_config(cfg: ExperimentConfig, arm: str, teacher: str, seed: int, params:
         **placement(cfg, name),
         **{KNOBS[k]: v for k, v in (params or {}).items()},
     }
+    if ARMS[arm].pairing != "translation":  # only then: the other arms' configs, and keys, stay as they were
+        overrides.update({"data.pairing": ARMS[arm].pairing, "data.train": [*d.train, *cfg.pivot_train]})
     return derive(cfg.distill, overrides)
 
 

@@ -100,7 +100,8 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
     baseline, *others = runs.values()
     trained_arms = sum(arm != "none" for arm in cfg.arms)
     per_teacher = trained_arms * len(cfg.seeds)
-    baseline_expected = per_teacher + ("none" in cfg.arms)
+    later = len(cfg.chosen_teacher_arms) if len(cfg.teachers) > 1 else 0  # the chosen teacher's arms only
+    baseline_expected = (trained_arms - later) * len(cfg.seeds) + ("none" in cfg.arms)
     baseline_done = len(untrained) + len(baseline.records)
     pending = []
     if baseline_done < baseline_expected:

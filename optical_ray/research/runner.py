@@ -311,7 +311,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
     its first run (so one seed of every arm comes first, each as soon as its knobs are). Then, with
     several candidates, the task-trained teacher (when listed) and the choice on dev; if the choice is not
     the baseline, every arm and seed again with it (swept again under it if ``retune_for_teacher``).
-    Last, the curves, with the teacher the knobs were swept under. Results are rewritten after each run.
+    Arms in ``chosen_teacher_arms`` run with the chosen teacher only. Last, the curves, with the teacher
+    the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far.
     ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials."""
 
@@ -332,9 +333,9 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
         if not recorded_only:  # one report at the end is enough when nothing runs
             report()
 
-    def run_arms(teacher: Teacher, swept_under: str) -> None:
+    def run_arms(teacher: Teacher, swept_under: str, arms: list[str]) -> None:
         for seed in cfg.seeds:
-            for arm in trained:
+            for arm in arms:
                 if arm not in teacher.sweeps and (sweep := runner.sweep(arm, swept_under)) is not None:
                     teacher.sweeps[arm] = {**sweep, "params": runner.settled(arm, teacher.name, sweep["params"])}
                 if arm not in teacher.sweeps:  # with recorded_only: not swept yet
@@ -345,7 +346,8 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
                     progress()
 
     progress()
-    run_arms(runs[baseline], swept_under=baseline)
+    later = [arm for arm in trained if arm in cfg.chosen_teacher_arms] if len(cfg.teachers) > 1 else []
+    run_arms(runs[baseline], baseline, [arm for arm in trained if arm not in later])
     if len(cfg.teachers) > 1:
         if TASK_TRAINED in cfg.teachers:
             task_teacher = runner.task_teacher()
@@ -360,7 +362,9 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
             chosen = choice.get("chosen")
             if chosen not in (None, baseline):
                 runs[chosen] = Teacher(chosen)
-                run_arms(runs[chosen], swept_under=chosen if cfg.retune_for_teacher else baseline)
+                run_arms(runs[chosen], chosen if cfg.retune_for_teacher else baseline, trained)
+            elif chosen == baseline:
+                run_arms(runs[baseline], baseline, later)
     if cfg.curve:
         # With the teacher the arms' knobs were swept under: the baseline's, unless retuned for the chosen
         # one (OT + contrastive's knobs, reused with the task-trained teacher, collapse its retrieval).
