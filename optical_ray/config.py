@@ -536,6 +536,16 @@ class CurveConfig(Config):
     test_sets: Names = Field(default_factory=list)  # by name; empty: every test set
 
 
+class TuningCheckConfig(Config):
+    """Is an arm behind because it was tuned less well? Under the chosen teacher each trained arm gets a
+    second sweep: its own searcher seed (the first sweeps all drew the same points), one learning-rate
+    range for every arm and more trials. An arm whose best trial beats the dev objective of its runs
+    by more than their seed standard deviation runs its seeds again with the new knobs."""
+
+    num_samples: PositiveInt = 8
+    lr: Range = Field(default_factory=lambda: [1.0e-5, 3.0e-4])
+
+
 class ExperimentConfig(Config):
     """`optical-ray experiment`: which loss terms narrow the high/low-resource gap, on which protocol?
 
@@ -562,6 +572,7 @@ class ExperimentConfig(Config):
     # Tables the image-pivot arms also train on (English descriptions, independent descriptions: Multi30k
     # task 2); no other arm reads them.
     pivot_train: Uris = Field(default_factory=list)
+    tuning_check: TuningCheckConfig | None = None  # after the chosen teacher's runs, before the curves
     curve: CurveConfig | None = None  # after everything else: gap vs pairs seen, for a few arms
     sweep: SweepConfig = Field(default_factory=SweepConfig)  # search ranges; each arm sweeps its own knobs
     test_sets: list[TestSet] = Field(default_factory=lambda: [TestSet()], min_length=1)

@@ -519,3 +519,56 @@ def test_chosen_teacher_arms_run_with_the_chosen_teacher_only(tmp_path, monkeypa
     runner.run_experiment(cfg)
     assert trained == [("contrastive", "student-init"), ("mse", "student-init"), ("mse", "minilm-en"),
                        ("contrastive", "minilm-en"), ("pivot-contrastive", "minilm-en")]
+
+
+def test_the_tuning_check_reruns_only_an_arm_its_second_sweep_clearly_beats(tmp_path, monkeypatch):
+    """Under the chosen teacher each arm is swept again with a searcher seed of its own and the check's
+    lr range; only the arm whose best trial beats its runs' dev objective by more than their seed sd is
+    rerun, with the check's knobs."""
+    from optical_ray.research import runner
+    from optical_ray.research.plan import check_sweep_config
+
+    cfg = experiment_config(tmp_path, arms=["none", "mse", "contrastive"], seeds=[0, 1],
+                            tuning_check={"num_samples": 8, "lr": [1e-5, 3e-4]})
+    check = check_sweep_config(cfg, "mse", "student-init")
+    assert check.num_samples == 8 and check.search.lr == [1e-5, 3e-4] and check.seed != cfg.sweep.seed
+    assert check.seed != check_sweep_config(cfg, "contrastive", "student-init").seed
+
+    dev = {("mse", 0): 0.40, ("mse", 1): 0.42, ("contrastive", 0): 0.50, ("contrastive", 1): 0.60}
+    best = {"mse": 0.45, "contrastive": 0.58}  # mse: +0.04 > sd 0.014, rerun; contrastive: +0.03 < sd 0.071
+    trained = []
+    monkeypatch.setattr(runner, "load_test_sets", lambda cfg: [])
+    monkeypatch.setattr(runner, "write_results", lambda *args, **kwargs: {})
+    monkeypatch.setattr(runner.Runner, "untrained", lambda self: {"arm": "none"})
+    monkeypatch.setattr(runner.Runner, "settled", lambda self, arm, teacher, params: params)
+
+    def sweep(self, arm, teacher, check=False):
+        trials = [{"status": "OK", "steps": cfg.distill.steps, "objective": best[arm]}] if check else []
+        return {"params": {"lr": 2e-4 if check else 3e-5}, "trials": trials}
+
+    def train(self, arm, seed, teacher, params):
+        trained.append((arm, seed, params["lr"]))
+        score = dev[(arm, seed)] if params["lr"] == 3e-5 else 0.5
+        return {"arm": arm, "seed": seed, "teacher": teacher, "dev": {"dev_r1_low": score}}
+
+    monkeypatch.setattr(runner.Runner, "sweep", sweep)
+    monkeypatch.setattr(runner.Runner, "trained", train)
+    runner.run_experiment(cfg)
+    assert [t for t in trained if t[2] == 2e-4] == [("mse", 0, 2e-4), ("mse", 1, 2e-4)]
+    verdict = runner.tuning_verdict(cfg, [{"dev": {"dev_r1_low": v}} for v in (0.5, 0.6)],
+                                    {"trials": [{"status": "OK", "steps": 99, "objective": 0.9}]})
+    assert verdict["best"] is None and not verdict["rerun"]  # a trial ASHA stopped early is not a finished one
+
+
+def test_the_tuning_check_is_reported_with_its_verdict_and_the_reruns_change():
+    from optical_ray.research.report import tuning_check_markdown
+
+    results = {"tuning_check": {"student-init": {"mse": {
+        "chosen": {"lr": 3.37e-5}, "params": {"lr": 2.1e-4}, "trials": 8, "dev_mean": 0.41, "dev_sd": 0.014,
+        "best": 0.45, "rerun": True, "rerun_seeds": [0, 1],
+        "vs_chosen_knobs": {"test_2018_flickr": {"trained_low": {"baseline": 0.692, "other": 0.650,
+                                                                 "change_ci95": [-0.06, -0.02]}}}}}}}
+    text = "\n".join(tuning_check_markdown(results))
+    assert "| (1) MSE | lr 3.37e-05 | 0.410 ± 0.014 | 0.450 (8 trials) | lr 0.00021 | yes (seeds 0, 1) |" in text
+    assert "(1) MSE rerun with the check's knobs, test_2018_flickr: `trained_low` 0.692 → 0.650 [-0.060, -0.020]" in text
+    assert tuning_check_markdown({}) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,16 @@ def sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
         if knob not in ARMS[arm].knobs:
             setattr(sweep.search, knob, [])
     sweep.storage_path = str((Path(cfg.out_dir) / "tune").resolve())
+    return sweep
+
+
+def check_sweep_config(cfg: ExperimentConfig, arm: str, teacher: str) -> SweepConfig:
+    """The arm's tuning-check sweep (``cfg.tuning_check``): its knobs as in :func:`sweep_config`, the
+    check's lr range and trials, and a searcher seed of its own, drawn from the arm's name."""
+    check = cfg.tuning_check
+    sweep = sweep_config(cfg, arm, teacher)
+    sweep.distill = arm_config(cfg, arm, teacher, cfg.seeds[0], run=f"check-{arm.replace('+', '-')}")
+    sweep.num_samples, sweep.search.lr, sweep.seed = check.num_samples, list(check.lr), zlib.crc32(arm.encode())
     return sweep
 
 

@@ -68,6 +68,10 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
         results["curve_teacher"] = curves[0]["teacher"]
         results["curve_seed"] = curves[0]["seed"]
+    checks = {teacher.name: {arm: tuning_check_summary(tests, teacher, arm, check, cfg.bootstrap)
+                             for arm, check in teacher.checks.items()} for teacher in runs.values() if teacher.checks}
+    if checks:
+        results["tuning_check"] = checks
     results["multiplicity"] = families(results)
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +79,19 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     (out / "RESULTS.md").write_text(results_markdown(results, cfg))
     plot_results(results, out)
     return results
+
+
+def tuning_check_summary(tests, teacher, arm: str, check: dict, n_resamples: int) -> dict:
+    """One arm's tuning check: its knobs and dev objective (seed mean, sd) against the check's best
+    trial and knobs, and, when it was rerun with them, every gap's change (rerun - original)."""
+    original = [r for r in teacher.records if r["arm"] == arm]
+    summary = {"chosen": teacher.sweeps.get(arm, {}).get("params", {}),
+               **{k: check[k] for k in ("params", "trials", "dev_mean", "dev_sd", "best", "rerun")},
+               "rerun_seeds": [r["seed"] for r in check["records"]]}
+    if check["records"]:
+        summary["vs_chosen_knobs"] = {t.spec.name: compare_teachers(t, original, check["records"], [arm], n_resamples)
+                                      .get(arm, {}) for t in tests}
+    return summary
 
 
 def machines(records: list[dict]) -> dict:
@@ -115,12 +132,17 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
             swept = (f"{sum(len(t.sweeps) for t in others)} of {trained_arms} sweeps, "
                      if cfg.retune_for_teacher else "")
             pending.append(f"every arm and seed with the chosen teacher ({swept}{chosen_done} of {per_teacher} runs)")
+    if cfg.tuning_check:
+        checked = sum(len(t.checks) for t in runs.values())
+        if checked < trained_arms:
+            pending.append(f"the tuning check ({checked} of {trained_arms} arms)")
     if cfg.curve:
         wanted = sum(arm in cfg.arms for arm in cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
         points = sum(len(c["points"]) for c in curves)
         if points < wanted:
             pending.append(f"the training-length curves ({points} of {wanted} points)")
-    runs_done = baseline_done + len(choice_runs) + sum(len(t.records) for t in others)
+    runs_done = baseline_done + len(choice_runs) + sum(len(t.records) for t in others) + \
+        sum(len(c["records"]) for t in runs.values() for c in t.checks.values())
     return {"runs": runs_done, "baseline_runs": baseline_done, "baseline_expected": baseline_expected,
             "pending": pending, "complete": not pending}
 
@@ -250,7 +272,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{a['seed_mean']:.3f} ± {a['seed_sd']:.3f} | {vs_a} | "
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
-    lines += teacher_markdown(results) + curves_markdown(results)
+    lines += teacher_markdown(results) + tuning_check_markdown(results) + curves_markdown(results)
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
               ("Finished runs are recorded in `runs/` (one JSON per arm and seed, keyed by a hash of its effective "
@@ -258,6 +280,36 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                f"{machines_sentence(results['machines'])} Training + evaluation time of the recorded runs: "
                f"{results['wall_time_s'] / 60:.0f} min (sweeps not included)."), ""]
     return "\n".join(lines)
+
+
+def tuning_check_markdown(results: dict) -> list[str]:
+    found = results.get("tuning_check", {})
+    if not found:
+        return []
+    lines = ["## Tuning check", "",
+             ("Each arm swept again under the teacher below with a searcher seed of its own, one lr range for "
+              "every arm and more trials; an arm whose best trial beats its runs' dev objective by more than "
+              "their seed sd ran its seeds again with the new knobs."), ""]
+    for teacher, arms in found.items():
+        lines += [f"Teacher {teacher_label(results, teacher)}:", "",
+                  "| arm | knobs | dev objective (seed mean ± sd) | check: best trial | check's knobs | rerun |",
+                  "|---|---|---|---|---|---|"]
+        for arm, c in arms.items():
+            knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["chosen"].items()) or "—"
+            found_knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["params"].items()) or "—"
+            best = f"{c['best']:.3f} ({c['trials']} trials)" if c["best"] is not None else "none finished"
+            rerun = (f"yes (seeds {', '.join(map(str, c['rerun_seeds']))})" if c["rerun"] else "no")
+            lines.append(f"| {arm_label(arm)} | {knobs} | {c['dev_mean']:.3f} ± {c['dev_sd']:.3f} | {best} | "
+                         f"{found_knobs} | {rerun} |")
+        lines.append("")
+        for arm, c in arms.items():
+            for name, gaps in c.get("vs_chosen_knobs", {}).items():
+                changes = [f"`{gap}` {g['baseline']:.3f} → {g['other']:.3f} {fmt_interval(g['change_ci95'])}"
+                           for gap, g in gaps.items()]
+                if changes:
+                    lines.append(f"- {arm_label(arm)} rerun with the check's knobs, {name}: " + "; ".join(changes))
+        lines.append("")
+    return lines
 
 
 FAMILY_TITLES = {"vs_none": "every arm vs no distillation", "ot_added": "OT added to contrastive",

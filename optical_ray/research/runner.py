@@ -57,7 +57,7 @@ from ..model_store import model_revision
 from ..teacher import dev_recall
 from ..train import run_training, train_teacher
 from ..tune import OBJECTIVES, run_sweep
-from .plan import ARMS, arm_config, check_arms, config_key, placement, sweep_config, sweep_key
+from .plan import ARMS, arm_config, check_arms, check_sweep_config, config_key, placement, sweep_config, sweep_key
 from .report import write_results
 
 log = logging.getLogger(__name__)
@@ -276,13 +276,15 @@ class Runner:
         self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)
         return record
 
-    def sweep(self, arm: str, teacher: str) -> dict:
-        sweep = sweep_config(self.cfg, arm, teacher)
+    def sweep(self, arm: str, teacher: str, check: bool = False) -> dict:
+        """The arm's sweep under ``teacher``, or (``check``) its tuning-check sweep."""
+        sweep = (check_sweep_config if check else sweep_config)(self.cfg, arm, teacher)
         key = sweep_key(sweep)
-        path = self.results / "sweeps" / f"{arm.replace('+', '-')}-{key}.json"
+        name = f"{'check-' if check else ''}{arm.replace('+', '-')}-{key}"
+        path = self.results / "sweeps" / f"{name}.json"
         if (record := self._recorded(path)) is not None or self.recorded_only:
             return record
-        sweep.name = f"{arm.replace('+', '-')}-{key}"
+        sweep.name = name
         log.info("%s: sweeping %s (teacher %s); Ray storage %s/%s", arm, ", ".join(ARMS[arm].knobs), teacher,
                  sweep.storage_path, sweep.name)
         result = run_sweep(sweep, resume=True, verbose=self.verbose)
@@ -306,12 +308,26 @@ def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str,
     return {"chosen": chosen, "dev_scores": scores}
 
 
+def tuning_verdict(cfg: ExperimentConfig, runs: list[dict], check: dict) -> dict:
+    """The arm's dev objective over its seeds (mean, sd) against the best finished trial of its tuning
+    check; ``rerun`` when that beats the mean by more than the seed sd (the knobs, not the seed, were
+    holding it back)."""
+    objective = OBJECTIVES[cfg.sweep.objective]
+    scores = np.array([objective(r["dev"]) for r in runs])
+    finished = [t["objective"] for t in check["trials"]
+                if t.get("status") == "OK" and t.get("steps") == cfg.distill.steps and t.get("objective") is not None]
+    best = max(finished) if finished else None
+    mean, sd = float(scores.mean()), float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+    return {"dev_mean": mean, "dev_sd": sd, "best": best, "rerun": best is not None and best - mean > sd}
+
+
 def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: bool = True) -> dict:
     """Every arm with the baseline teacher (the first candidate), seed by seed, each arm swept just before
     its first run (so one seed of every arm comes first, each as soon as its knobs are). Then, with
     several candidates, the task-trained teacher (when listed) and the choice on dev; if the choice is not
     the baseline, every arm and seed again with it (swept again under it if ``retune_for_teacher``).
-    Arms in ``chosen_teacher_arms`` run with the chosen teacher only. Last, the curves, with the teacher
+    Arms in ``chosen_teacher_arms`` run with the chosen teacher only. Then the tuning check (each arm
+    swept again under the chosen teacher, rerun where that beats its knobs). Last, the curves, with the teacher
     the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far.
     ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials."""
@@ -365,6 +381,19 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
                 run_arms(runs[chosen], chosen if cfg.retune_for_teacher else baseline, trained)
             elif chosen == baseline:
                 run_arms(runs[baseline], baseline, later)
+    if cfg.tuning_check:
+        checked = runs[choice["chosen"]] if choice.get("chosen") in runs else runs[baseline]
+        for arm in trained:
+            own = [r for r in checked.records if r["arm"] == arm]
+            if len(own) < len(cfg.seeds) or (check := runner.sweep(arm, checked.name, check=True)) is None:
+                continue
+            checked.checks[arm] = {"params": check["params"], "trials": len(check["trials"]),
+                                   **tuning_verdict(cfg, own, check), "records": []}
+            progress()
+            for seed in cfg.seeds if checked.checks[arm]["rerun"] else []:
+                if (record := runner.trained(arm, seed, checked.name, check["params"])) is not None:
+                    checked.checks[arm]["records"].append(record)
+                    progress()
     if cfg.curve:
         # With the teacher the arms' knobs were swept under: the baseline's, unless retuned for the chosen
         # one (OT + contrastive's knobs, reused with the task-trained teacher, collapse its retrieval).
@@ -383,3 +412,4 @@ class Teacher:
     name: str
     sweeps: dict[str, dict] = field(default_factory=dict)  # by arm, filled as each arm's first run starts
     records: list[dict] = field(default_factory=list)
+    checks: dict[str, dict] = field(default_factory=dict)  # by arm: the tuning check and its reruns
