@@ -229,16 +229,17 @@ class FilterError(ValueError):
 
 
 class Searchable:
-    """A stored index ready to answer: its metadata as Python lists (what hits are made of) and, built
-    on first use per field, the rows holding each value (what filters select)."""
+    """A stored index ready to answer: ids and texts as Python lists (every hit has them), metadata
+    fields as Arrow arrays (read per hit; one copy, however many fields a collection has) and, built on
+    first use per field, the rows holding each value (what filters select)."""
 
     def __init__(self, stored: StoredIndex):
         self.index, self.version = stored.index, stored.manifest.get("version")
         meta = stored.metadata
         self.ids, self.texts = meta["id"].to_pylist(), meta["text"].to_pylist()
         self.image_ids = meta["image_id"].to_pylist() if "image_id" in meta.column_names else None
-        self.fields = {name: meta[name] for name in meta.column_names if name not in ("id", "text", "image_id")}
-        self.values = {name: column.to_pylist() for name, column in self.fields.items()}
+        self.fields = {name: meta[name].combine_chunks() for name in meta.column_names
+                       if name not in ("id", "text", "image_id")}
         self._rows: dict[str, dict] = {}
 
     def rows(self, where: dict) -> np.ndarray:
@@ -270,6 +271,6 @@ class Searchable:
         hit = {"id": self.ids[row], "score": float(score), "text": self.texts[row]}
         if self.image_ids is not None:
             hit["image_id"] = self.image_ids[row]
-        if self.values:
-            hit["metadata"] = {name: values[row] for name, values in self.values.items()}
+        if self.fields:
+            hit["metadata"] = {name: column[row].as_py() for name, column in self.fields.items()}
         return hit
