@@ -9,7 +9,6 @@ field, and no document is dropped: a missing id or text, an empty text or a repe
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import PurePosixPath
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +17,7 @@ import pyarrow.json as pajson
 
 from . import storage
 from .data import DataError, first_row
-from .parallel import FORMATS
+from .parallel import json_problem, table_format
 
 # The stored metadata table's own columns; a user's metadata field may not take these names.
 RESERVED = ("id", "text", "image_id")
@@ -27,7 +26,7 @@ RESERVED = ("id", "text", "image_id")
 def read_documents(uri: str, id_field: str = "id", text_field: str = "text", metadata_fields: list[str] | None = None,
                    format: str | None = None) -> pa.Table:
     """Columns ``id`` (string), ``text`` and one per metadata field (scalar values), in file order."""
-    format = format or FORMATS.get(PurePosixPath(uri).suffix.lower())
+    format = table_format(uri, format)
     raw = storage.read_bytes(uri) if format != "parquet" else None
     try:
         if format == "jsonl":
@@ -36,12 +35,11 @@ def read_documents(uri: str, id_field: str = "id", text_field: str = "text", met
             table = pacsv.read_csv(pa.BufferReader(raw), read_options=pacsv.ReadOptions(use_threads=False),
                                    parse_options=pacsv.ParseOptions(delimiter="\t" if format == "tsv" else ",",
                                                                     quote_char=False if format == "tsv" else '"'))
-        elif format == "parquet":
-            table = storage.read_parquet(uri)
         else:
-            raise DataError(f"{uri}: unknown collection format {format!r}: name the file .jsonl, .tsv, .csv or "
-                            ".parquet, or give the format")
+            table = storage.read_parquet(uri)
     except pa.ArrowInvalid as err:
+        if format == "jsonl":  # pyarrow's message counts in blocks, not lines: find the line
+            raise DataError(json_problem(uri, raw, [id_field, text_field], strings=False)) from None
         raise DataError(f"{uri}: not readable as {format} ({err})") from None
     names = table.column_names
     for f in (id_field, text_field, *(metadata_fields or [])):

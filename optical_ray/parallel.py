@@ -32,6 +32,15 @@ from .data import DataError
 FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
+def table_format(uri: str, format: str | None = None) -> str:
+    """``format``, or the one the file name's suffix stands for; neither: an error naming the file."""
+    found = format or FORMATS.get(PurePosixPath(uri).suffix.lower())
+    if found not in FORMATS.values():
+        raise DataError(f"{uri}: unknown table format {found!r}: name the file .tsv, .csv, .jsonl or .parquet, "
+                        "or give the format (--format)")
+    return found
+
+
 def read_aligned(english_uri: str, other_uri: str, lang: str | None = None) -> pa.Table:
     """Pairs from two line-aligned files (OPUS's Moses format): line i of ``other_uri`` translates line
     i of ``english_uri``. Their language is ``other_uri``'s last suffix when that is a language tag
@@ -62,17 +71,14 @@ def read_table(uri: str, english: str = "en", translation: str | None = None, la
     if lang is not None:
         _check_tag(lang, uri)
     translation = translation or lang or "translation"
-    format = format or FORMATS.get(PurePosixPath(uri).suffix.lower())
+    format = table_format(uri, format)
     fields = [english, translation] + ([lang_field] if lang_field else [])
     if format in ("tsv", "csv"):
         table = _read_delimited(uri, fields, header, "\t" if format == "tsv" else ",")
     elif format == "jsonl":
         table = read_json_fields(uri, fields)
-    elif format == "parquet":
-        table = _read_parquet(uri, fields)
     else:
-        raise DataError(f"{uri}: unknown table format {format!r}: name the file .tsv, .csv, .jsonl or .parquet, "
-                        "or give the format (--format)")
+        table = _read_parquet(uri, fields)
     if lang_field:
         langs = table.column(2)
         bad = languages.invalid(pc.unique(langs).to_pylist())
@@ -189,18 +195,19 @@ def read_json_fields(uri: str, fields: list[str], optional: Sequence[str] = ()) 
         table = pajson.read_json(pa.BufferReader(raw), parse_options=pajson.ParseOptions(
             explicit_schema=schema, unexpected_field_behavior="ignore"))
     except pa.ArrowInvalid:
-        raise DataError(_json_problem(uri, raw, fields)) from None
+        raise DataError(json_problem(uri, raw, fields)) from None
     for f in fields:
         if table.num_rows and table[f].null_count == table.num_rows:
             first = next((json.loads(line) for line in raw.splitlines() if line.strip()), {})
             raise DataError(f"{uri}: no field {f!r} (the first line has: {', '.join(first) or 'nothing'})")
         if table[f].null_count:
-            raise DataError(_json_problem(uri, raw, fields))
+            raise DataError(json_problem(uri, raw, fields))
     return table.select([*fields, *[f for f in optional if table[f].null_count < table.num_rows]])
 
 
-def _json_problem(uri: str, raw: bytes, fields: list[str]) -> str:
-    """Where a JSON Lines file pyarrow refused goes wrong, found line by line (only on this error path)."""
+def json_problem(uri: str, raw: bytes, fields: list[str], strings: bool = True) -> str:
+    """Where a JSON Lines file pyarrow refused goes wrong, found line by line (only on this error path):
+    a line that is not a JSON object, or a missing (or, with ``strings``, non-string) ``fields`` value."""
     for number, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
@@ -213,7 +220,7 @@ def _json_problem(uri: str, raw: bytes, fields: list[str]) -> str:
         for f in fields:
             if record.get(f) is None:
                 return f"{uri}: line {number}: field {f!r} is missing (null)"
-            if not isinstance(record[f], str):
+            if strings and not isinstance(record[f], str):
                 return f"{uri}: line {number}: field {f!r} is a {type(record[f]).__name__}, expected a string"
     return f"{uri}: not readable as JSON Lines"
 

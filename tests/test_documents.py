@@ -39,6 +39,11 @@ def test_fields_are_named_and_bad_documents_refused(tmp_path):
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"}\n{"id": "a", "text": "z"}\n')
     with pytest.raises(DataError, match=r"id 'a' is used by rows 0, 2: ids must be unique"):
         read_documents(str(path))
+    path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y"\n')
+    with pytest.raises(DataError, match=r"docs.jsonl: line 2: not valid JSON"):
+        read_documents(str(path))
+    with pytest.raises(DataError, match=r"docs.xml: unknown table format None: name the file .tsv, .csv, .jsonl or "):
+        read_documents(str(tmp_path / "docs.xml"))
     tsv = tmp_path / "docs.tsv"
     tsv.write_text('id\ttext\tlang\nd1\tShe said "hi"\tsw\n')
     assert read_documents(str(tsv))["text"].to_pylist() == ['She said "hi"']
