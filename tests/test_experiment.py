@@ -572,3 +572,30 @@ def test_the_tuning_check_is_reported_with_its_verdict_and_the_reruns_change():
     assert "| (1) MSE | lr 3.37e-05 | 0.410 ± 0.014 | 0.450 (8 trials) | lr 0.00021 | yes (seeds 0, 1) |" in text
     assert "(1) MSE rerun with the check's knobs, test_2018_flickr: `trained_low` 0.692 → 0.650 [-0.060, -0.020]" in text
     assert tuning_check_markdown({}) == []
+
+
+def test_image_pivot_pairs_are_compared_with_translation_pairs_per_language_group():
+    """Arm (6) minus arm (4), mean R@1 per group, by hand: two seeds each; the interval holds the change."""
+    from optical_ray.config import TestSet
+    from optical_ray.research.report import pivot_markdown
+    from optical_ray.research.runner import TestData
+    from optical_ray.research.stats import group_r1_changes
+
+    spec = TestSet(name="indep", query_langs=["de", "nl"], groups={"high": ["de"], "unseen": ["nl"]},
+                   gaps={"unseen": ["high", "unseen"]})
+    images = np.array([f"i{k}" for k in range(20)])
+    test = TestData(spec, captions=None, query_images={"de": images, "nl": images})
+    hits = lambda n: np.where(np.arange(20) < n, 1.0, 2.0)
+
+    def record(arm, seed, de, nl):
+        return {"arm": arm, "seed": seed, "teacher": "t", "tests": {"indep": {"de": pack_ranks(hits(de)), "nl": pack_ranks(hits(nl))}}}
+
+    records = [record("contrastive", 0, 16, 10), record("contrastive", 1, 16, 12),          # de 0.80, nl 0.55
+               record("pivot-contrastive", 0, 16, 14), record("pivot-contrastive", 1, 15, 14)]  # de 0.775, nl 0.70
+    changes = group_r1_changes(test, records, "pivot-contrastive", "contrastive", n_resamples=300)
+    assert changes["unseen"]["change"] == pytest.approx(0.15) and changes["high"]["change"] == pytest.approx(-0.025)
+    lo, hi = changes["unseen"]["ci95"]
+    assert lo <= 0.15 <= hi
+    assert group_r1_changes(test, records, "pivot-contrastive", "mse", n_resamples=10) == {}
+    text = "\n".join(pivot_markdown({"pivot_vs_translation": {"t": {"indep": changes}}}))
+    assert "- indep: high (de) -0.025 [" in text and "unseen (nl) +0.150 [" in text

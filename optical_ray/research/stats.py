@@ -29,10 +29,12 @@ ALPHA = 0.05  # the family-wise error rate Holm's correction holds
 
 @dataclass
 class GapDraws:
-    """Bootstrap draws of each gap ("gap/kind") of one arm: over images and seeds, and over images only."""
+    """Bootstrap draws of each gap ("gap/kind") of one arm: over images and seeds, and over images only;
+    ``recall``: each language's R@1 draws over images and seeds."""
 
     with_seeds: dict[str, np.ndarray]
     images_only: dict[str, np.ndarray]
+    recall: dict[str, np.ndarray]
 
     def change(self, baseline: GapDraws, key: str, estimate: float) -> dict:
         """The intervals and p-value of this arm's gap minus ``baseline``'s (``estimate``: that change)."""
@@ -89,7 +91,7 @@ def arm_summary(spec, runs: list[dict], weights: np.ndarray, query_index: dict[s
                         **{f"R@{k}": float((r <= k).mean()) for k in (5, 10)},
                         "MRR": float((1.0 / r).mean()), "n_queries": int(r.shape[1])}
                  for lang, r in ranks.items()}
-    gaps, draws = {}, GapDraws({}, {})
+    gaps, draws = {}, GapDraws({}, {}, recall_draws)
     for gap, (upper, lower) in spec.gaps.items():
         hi = [lang for lang in spec.groups[upper] if lang in ranks]
         lo = [lang for lang in spec.groups[lower] if lang in ranks]
@@ -180,6 +182,29 @@ def mean_dev(records: list[dict]) -> dict:
 
 def sd(values: np.ndarray) -> float:
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def group_r1_changes(test, records: list[dict], arm: str, other: str, n_resamples: int) -> dict:
+    """Per language group of the test set: mean R@1 of ``arm`` minus that of ``other`` (runs of one
+    teacher), with its 95% interval over images (paired) and each arm's seeds. {} unless both have runs."""
+    spec = test.spec
+    weights, query_index, _ = image_draws(test, n_resamples)
+    parts = []
+    for name in (arm, other):
+        runs = [r for r in records if r["arm"] == name and spec.name in r["tests"]]
+        if not runs:
+            return {}
+        parts.append(arm_summary(spec, runs, weights, query_index))
+    (mine, my_draws), (theirs, their_draws) = parts
+    out = {}
+    for group, langs in spec.groups.items():
+        present = [lang for lang in langs if lang in mine["languages"]]
+        if present:
+            diff = (np.mean([my_draws.recall[lang] for lang in present], axis=0)
+                    - np.mean([their_draws.recall[lang] for lang in present], axis=0))
+            out[group] = {"langs": present, "change": group_r1(mine, present) - group_r1(theirs, present),
+                          "ci95": list(metrics.percentile_interval(diff))}
+    return out
 
 
 def clear(interval: list[float]) -> str:
