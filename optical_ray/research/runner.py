@@ -117,6 +117,11 @@ class Runner:
         self.cfg, self.tests, self.recorded_only, self.verbose = cfg, tests, recorded_only, verbose
         self.results = Path(cfg.results_dir)
         self.tests_key = tests_key(tests)
+        self.written = 0  # records written by this runner: what a progress report waits for
+
+    def write(self, path: Path, record: dict) -> None:
+        write_record(path, record)
+        self.written += 1
 
     def _recorded(self, path: Path) -> dict | None:
         """The record at ``path``, None when there is none. Every method returns it when it exists and,
@@ -134,7 +139,7 @@ class Runner:
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
         if revision := model_revision(student):
             record["model_revisions"] = {"student": revision}
-        write_record(path, record)
+        self.write(path, record)
         return record
 
     def run_config(self, arm: str, seed: int, teacher: str, params: dict) -> tuple[DistillConfig, str, Path]:
@@ -180,7 +185,7 @@ class Runner:
                   "tests": evaluate_model(student, self.tests), "wall_s": time.time() - started}
         if revisions := checkpoints.model_revisions(arm_cfg):  # Hugging Face ids: the commits trained with
             record["model_revisions"] = revisions
-        write_record(path, record)
+        self.write(path, record)
         log.info("%s seed %d: recorded in %s after %.0f min", arm, seed, path, record["wall_s"] / 60)
         self.discard(arm_cfg.output_dir, Path(arm_cfg.ray.storage_path) / arm_cfg.ray.name)
         return record
@@ -224,7 +229,7 @@ class Runner:
             if not checkpoint.exists():
                 raise RuntimeError(f"curve {stem}: no checkpoint at step {step} in {folder}")
             record["points"][str(step)] = evaluate_model(str(checkpoint), tests)
-            write_record(path, record)
+            self.write(path, record)
             log.info("curve %s: step %d recorded in %s", stem, step, path)
             if step != curve.steps:
                 self.discard(checkpoint)  # 0.6 GB each; the last one stays as the finished run's
@@ -252,7 +257,7 @@ class Runner:
         _, report = train_teacher(teacher_cfg)
         record = {"key": key, "model": model, "config": training_fields(teacher_cfg), "report": report,
                   "wall_s": time.time() - started}
-        write_record(path, record)
+        self.write(path, record)
         self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)  # the model stays
         return record
 
@@ -271,7 +276,7 @@ class Runner:
                 f"{recorded:.4f}: it is another teacher, and the runs recorded with the first one cannot be "
                 "compared with runs of this one. Delete the record and the chosen teacher's runs to start over.")
         record.setdefault("rebuilds", []).append({"dev_R@1": rebuilt, "wall_s": time.time() - started})
-        write_record(path, record)
+        self.write(path, record)
         log.info("task teacher trained again: dev R@1 %.4f (recorded %.4f)", rebuilt, recorded)
         self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)
         return record
@@ -292,7 +297,7 @@ class Runner:
             raise RuntimeError(f"arm {arm}: no sweep trial finished; see {sweep.storage_path}/{sweep.name}/trials.csv")
         record = {"arm": arm, "key": key, "teacher": teacher, "params": result.best_params,
                   "knobs": list(ARMS[arm].knobs), "trials": result.trials.to_pylist(), "trial_steps": result.trial_steps}
-        write_record(path, record)
+        self.write(path, record)
         self.discard(Path(sweep.storage_path) / sweep.name)
         return record
 
@@ -345,9 +350,14 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
     def report() -> dict:
         return write_results(cfg, tests, untrained, runs, task_teacher, choice, curves, choice_runs)
 
+    reported = [0]
+
     def progress() -> None:
-        if not recorded_only:  # one report at the end is enough when nothing runs
-            report()
+        # After each record written, from every record on disk, not only those this pass has reached: a
+        # resumed experiment walking its recorded runs must not rewrite RESULTS.md with fewer than it had.
+        if not recorded_only and runner.written > reported[0]:
+            reported[0] = runner.written
+            run_experiment(cfg, recorded_only=True, verbose=verbose)
 
     def run_arms(teacher: Teacher, swept_under: str, arms: list[str]) -> None:
         for seed in cfg.seeds:
