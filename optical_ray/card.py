@@ -10,7 +10,7 @@ import yaml
 
 from .config import DistillConfig, TeacherConfig, TrainingConfig
 from .model_store import model_revision
-from .st_folder import read_settings
+from .st_folder import FolderSettings, read_settings
 
 # What the shipped starting points are, upstream.
 BASE_MODELS = {"student-init": ("intfloat/multilingual-e5-small", "mit"),
@@ -30,7 +30,6 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
     measure, metric_type, task, dataset, what_dev = dev_description(cfg, report)
     metrics = [{"type": metric_type, "value": round(float(m[measure]), 4), "name": f"{measure} {lang} -> en"}
                for lang, m in report.get("languages", {}).items()]
-    settings = read_settings(folder)
     front = {
         "language": sorted(set(languages)),
         "license": licence,
@@ -49,15 +48,7 @@ def write_model_card(folder: str | Path, cfg: TrainingConfig, report: dict) -> P
 
 {what}
 
-{settings.pooling.replace("lasttoken", "last-token").capitalize()}-pooled{", Dense-projected" if settings.dense else ""}{", L2-normalised" if settings.normalize else ""} embeddings; prefix queries with the `query` prompt and documents with `passage`:
-
-```python
-from sentence_transformers import SentenceTransformer
-
-model = SentenceTransformer("path/to/this/folder")
-queries = model.encode(["Ein Hund rennt über die Wiese."], prompt_name="query")
-passages = model.encode(["A dog runs across the meadow."], prompt_name="passage")
-```
+{embedding_sentence(read_settings(folder))}
 
 Dev {measure} of the last evaluation ({what_dev}):
 
@@ -67,6 +58,26 @@ Dev {measure} of the last evaluation ({what_dev}):
     path = Path(folder) / "README.md"
     path.write_text("---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + body)
     return path
+
+
+POOLING_NAMES = {"mean": "Mean", "cls": "CLS", "max": "Max", "lasttoken": "Last-token"}
+
+
+def embedding_sentence(settings: FolderSettings) -> str:
+    """How the folder embeds (as it states it) and how to call it with sentence-transformers."""
+    steps = [f"{POOLING_NAMES.get(settings.pooling, settings.pooling)}-pooled"]
+    steps += ["Dense-projected"] if settings.dense else []
+    steps += ["L2-normalised"] if settings.normalize else []
+    if {"query", "passage"} <= set(settings.prompts):
+        call = ('prefix queries with the `query` prompt and documents with `passage`:\n\n```python\n'
+                'from sentence_transformers import SentenceTransformer\n\n'
+                'model = SentenceTransformer("path/to/this/folder")\n'
+                'queries = model.encode(["Ein Hund rennt über die Wiese."], prompt_name="query")\n'
+                'passages = model.encode(["A dog runs across the meadow."], prompt_name="passage")\n```')
+    else:
+        call = ('no prompts:\n\n```python\nfrom sentence_transformers import SentenceTransformer\n\n'
+                'embeddings = SentenceTransformer("path/to/this/folder").encode(["A dog runs across the meadow."])\n```')
+    return f"{', '.join(steps)} embeddings; {call}"
 
 
 def dev_description(cfg: TrainingConfig, report: dict) -> tuple[str, str, str, dict, str]:

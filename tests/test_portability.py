@@ -79,3 +79,5 @@ def test_saved_students_load_under_transformers_4_and_in_infinity_emb(old_stack,
                                    err_msg=name)
         np.testing.assert_allclose(np.array(loaded[name]["infinity"]), encoder.encode(TEXTS), atol=1e-5, err_msg=name)
     assert prompts == {"mean": "query", "cls_dense": None} and np.array(loaded["cls_dense"]["emb"]).shape[1] == 16
+    # Its model card says how it embeds, as its folder states it.
+    assert "CLS-pooled, Dense-projected, L2-normalised embeddings; no prompts" in (folders["cls_dense"] / "README.md").read_text()
