@@ -119,7 +119,7 @@ def test_sweep_and_experiment_ranges(tmp_path):
 
     with pytest.raises(ConfigError, match=r"search.temperature = \[0.5, 0.1\]: must be \[\] or \[low, high\] with 0 < low <= high"):
         load_config(SweepConfig, {"search": {"temperature": [0.5, 0.1]}})
-    with pytest.raises(ConfigError, match=r"objective = 'recall': input should be 'low_r1', 'mean_r1' or 'neg_gap'"):
+    with pytest.raises(ConfigError, match=r"objective = 'recall': input should be 'low_r1', 'mean_r1', 'low_ndcg10', 'mean_ndcg10' or 'neg_gap'"):
         load_config(SweepConfig, {"objective": "recall"})
     with pytest.raises(ConfigError, match=r"test_sets\[0\]: gaps.low must name two of the groups \(high\), got \['high', 'low'\]"):
         load_config(ExperimentConfig, {"test_sets": [{"groups": {"high": ["de"]}}]})
