@@ -13,9 +13,11 @@ changes when the teacher already knows the retrieval task?
    ``results_dir/teachers``; on a machine without its model, trained again and checked against the
    record), an MSE run per candidate to choose one on dev, and -- when the choice is not the baseline --
    every arm and seed again with it (retuned, or with the baseline's knobs);
-4. the training-length curves (``curve``): a longer run per listed arm with the teacher its knobs were
+4. arms listed in ``chosen_teacher_arms`` (the image-pivot arm), with the chosen teacher only; then the
+   tuning check (``tuning_check``): each arm swept again under it, and rerun where that clearly wins;
+5. the training-length curves (``curve``): a longer run per listed arm with the teacher its knobs were
    swept under, evaluated at each kept checkpoint;
-5. :func:`optical_ray.research.report.write_results` turns the records into results.json, RESULTS.md and plots
+6. :func:`optical_ray.research.report.write_results` turns the records into results.json, RESULTS.md and plots
    (refreshed after every run, so partial results are readable).
 
 Held-out languages (``held_out_languages``) are removed from training and from the dev objective, so
@@ -326,7 +328,8 @@ def tuning_verdict(cfg: ExperimentConfig, runs: list[dict], check: dict) -> dict
     return {"dev_mean": mean, "dev_sd": sd, "best": best, "rerun": best is not None and best - mean > sd}
 
 
-def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: bool = True) -> dict:
+def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: bool = True,
+                   tests: list[TestData] | None = None) -> dict:
     """Every arm with the baseline teacher (the first candidate), seed by seed, each arm swept just before
     its first run (so one seed of every arm comes first, each as soon as its knobs are). Then, with
     several candidates, the task-trained teacher (when listed) and the choice on dev; if the choice is not
@@ -335,10 +338,11 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
     swept again under the chosen teacher, rerun where that beats its knobs). Last, the curves, with the teacher
     the knobs were swept under. Results are rewritten after each run.
     ``recorded_only``: train and evaluate nothing, only write the results of what is recorded so far.
-    ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials."""
+    ``verbose``: Tune's status tables for each sweep; otherwise a bar of finished trials. ``tests``: the
+    test sets already loaded (else read from the config)."""
 
     check_arms(cfg.arms)
-    tests = load_test_sets(cfg)
+    tests = tests if tests is not None else load_test_sets(cfg)  # progress reports reuse the loaded ones
     runner = Runner(cfg, tests, recorded_only, verbose)
     untrained_run = runner.untrained() if "none" in cfg.arms else None  # first: it checks every test set cheaply
     untrained = [untrained_run] if untrained_run is not None else []
@@ -357,7 +361,7 @@ def run_experiment(cfg: ExperimentConfig, recorded_only: bool = False, verbose: 
         # resumed experiment walking its recorded runs must not rewrite RESULTS.md with fewer than it had.
         if not recorded_only and runner.written > reported[0]:
             reported[0] = runner.written
-            run_experiment(cfg, recorded_only=True, verbose=verbose)
+            run_experiment(cfg, recorded_only=True, verbose=verbose, tests=tests)
 
     def run_arms(teacher: Teacher, swept_under: str, arms: list[str]) -> None:
         for seed in cfg.seeds:
