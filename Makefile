@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/optical-ray demo
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -ra --durations=10
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 # Debian's chromium and chromedriver drive the search page in the serving tests; without them (no
 # root, no apt) that one test skips.

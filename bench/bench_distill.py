@@ -21,8 +21,8 @@ import numpy as np
 import ot as pot
 import torch
 
+from optical_ray.batching import batches
 from optical_ray.config import DistillConfig, load_config
-from optical_ray.data import batches
 from optical_ray.distill import Distiller, load_bitext, load_models
 from optical_ray.ot import cosine_cost, solve_plans, transport_cost, uniform_marginals
 

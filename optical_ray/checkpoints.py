@@ -10,7 +10,7 @@ A checkpoint is a folder:
 * ``dev_report.json`` when the step ended with a dev evaluation.
 
 No random-number state is stored because none is needed: the data order is a function of (seed, step)
-(:func:`optical_ray.data.batches`) and dropout is reseeded from (seed, step, rank) before every step
+(:mod:`optical_ray.batching`) and dropout is reseeded from (seed, step, rank) before every step
 (:func:`step_seed`), so the step *is* the random state -- on every worker, whatever the world size.
 """
 

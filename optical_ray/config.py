@@ -131,6 +131,10 @@ class DataConfig(Config):
     dev_beir_split: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")] = "dev"  # qrels/<split>.tsv
     # Blank captions are refused, naming the file and row; true drops them and logs how many per language.
     drop_blank: StrictBool = False
+    # Prepared `bitext` is read in this many lanes of row groups (batching.lane_batches), each worker
+    # reading only its own lanes: batch_size and any ray.num_workers used must divide into it evenly.
+    # The order depends on it, not on the number of workers.
+    lanes: PositiveInt = 8
 
     @model_validator(mode="after")
     def _dev_bitext_has_each_language(self) -> DataConfig:
@@ -245,6 +249,16 @@ class DistillConfig(TrainingConfig):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
 
+    @model_validator(mode="after")
+    def _lanes_split_evenly(self) -> DistillConfig:
+        if self.data.bitext and self.batch_size % self.data.lanes:
+            raise ValueError(f"batch_size {self.batch_size} does not split into data.lanes {self.data.lanes}: "
+                             "each batch takes the same number of pairs from every lane")
+        if self.data.bitext and self.data.lanes % self.ray.num_workers:
+            raise ValueError(f"data.lanes {self.data.lanes} do not split over ray.num_workers {self.ray.num_workers}: "
+                             "each worker reads whole lanes (use a multiple of the worker count)")
+        return self
+
 
 class CaptionDataConfig(Config):
     # Caption tables with several captions per image in `lang` (Flickr30k's five English ones).
@@ -284,7 +298,8 @@ class TeacherConfig(TrainingConfig):
 NOT_TRAINING = ("output_dir", "ray", "checkpoint_every", "test_sets")
 # Fields added after records were keyed, with the default that trains what the records trained.
 ADDED_LATER = {("data", "drop_blank"): False, ("data", "pairing"): "translation", ("data", "dev_bitext"): {},
-               ("data", "dev_beir"): None, ("data", "dev_beir_split"): "dev", ("length_buckets",): 0}
+               ("data", "dev_beir"): None, ("data", "dev_beir_split"): "dev", ("length_buckets",): 0,
+               ("data", "lanes"): 8}
 
 
 def training_fields(cfg: TrainingConfig) -> dict:

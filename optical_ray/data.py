@@ -14,7 +14,6 @@ import io
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,20 +240,32 @@ def caption_pairs(captions: pa.Table, lang: str = "en", exclude_images: set[str]
 PREPARED_MARKER = "_SUCCESS.json"
 
 
+# Shards are written in row groups of at most ROW_GROUP_ROWS pairs, and a corpus in at least
+# MIN_ROW_GROUPS of them when it has the rows: training deals row groups to its lanes
+# (batching.lane_batches), so any lane count up to MIN_ROW_GROUPS finds row groups to deal.
+ROW_GROUP_ROWS, MIN_ROW_GROUPS = 1024, 64
+
+
 def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_000,
                         tokens: dict[str, dict] | None = None) -> list[str]:
     """Write bitext pairs as ``part-NNNNN.parquet`` shards under a folder URI (local or s3://).
+
+    The pairs are written in a shuffled order (seed 0), so that every row group is a sample of the
+    whole corpus -- every language, every source -- and a training worker that reads only its own row
+    groups (:func:`optical_ray.batching.lane_batches`) still mixes them in each batch.
 
     ``_SUCCESS.json`` (the parts, rows per language, and what each token column of ``tokens`` holds:
     :mod:`optical_ray.pretokenized`) is removed first and written last: a folder
     without it holds an unfinished preparation and is refused, and parts it does not list -- left
     there by an earlier, larger preparation -- are never read."""
     storage.delete(storage.join(out_uri, PREPARED_MARKER))
+    pairs = pairs.take(np.random.default_rng(0).permutation(pairs.num_rows))
+    group_rows = max(1, min(ROW_GROUP_ROWS, pairs.num_rows // MIN_ROW_GROUPS))
     paths, digests = [], {}
     for i, start in enumerate(range(0, max(pairs.num_rows, 1), rows_per_shard)):
         path = storage.join(out_uri, f"part-{i:05d}.parquet")
         buffer = io.BytesIO()
-        pq.write_table(pairs.slice(start, rows_per_shard), buffer, compression="zstd")
+        pq.write_table(pairs.slice(start, rows_per_shard), buffer, compression="zstd", row_group_size=group_rows)
         storage.write_bytes(buffer.getvalue(), path)
         digests[path.rsplit("/", 1)[-1]] = hashlib.sha256(buffer.getvalue()).hexdigest()
         paths.append(path)
@@ -295,139 +306,6 @@ def bitext_fingerprint(uri: str) -> str:
 def prepared_tokens(uri: str) -> dict[str, dict]:
     """What the token columns of a finished preparation hold, by ids column (empty: none were added)."""
     return json.loads(storage.read_bytes(storage.join(uri, PREPARED_MARKER))).get("tokens", {})
-
-
-def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
-            columns: tuple[str, ...] = ("english", "translation"), length_buckets: int = 0) -> Iterator[tuple[list, ...]]:
-    """Endless training batches of ``columns`` (bitext: english, translation, and any token columns
-    :mod:`optical_ray.pretokenized` added), one list per column, a pure function of ``(seed, step)``.
-
-    Each epoch is a fresh permutation drawn from ``(seed, epoch)``; a step takes the next
-    ``batch_size`` pairs of it (the epoch's remainder is dropped). Starting at ``start_step`` yields
-    exactly what a run from step 0 would have reached -- resuming replays no pair and skips none -- and
-    with ``world`` data-parallel workers, worker ``rank`` gets its slice of the same global batch, so
-    one worker and four consume the same pairs in the same order. ``length_buckets``: see
-    :func:`bucket_by_length`."""
-    if pairs.num_rows < batch_size:
-        raise ValueError(f"{pairs.num_rows} bitext pairs cannot fill one batch of {batch_size}")
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
-    values = [column_values(pairs[c]) for c in columns]
-    lengths = pair_lengths(pairs, columns) if length_buckets else None
-    per_epoch, local = pairs.num_rows // batch_size, batch_size // world
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        order = np.random.default_rng([seed, epoch]).permutation(pairs.num_rows)
-        if length_buckets:
-            order = bucket_by_length(order, lengths, batch_size, length_buckets, [seed, epoch])
-        for i in range(offset, per_epoch):
-            first = i * batch_size + rank * local
-            idx = order[first : first + local]
-            yield tuple(take(column, idx) for column in values)
-            step += 1
-
-
-def column_values(column: pa.ChunkedArray) -> list | pa.Array:
-    """A column as batches hand it out: text as a Python list, token lists (:mod:`optical_ray.pretokenized`)
-    as one Arrow array, which stays compact in memory and is padded without a Python loop."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return column.combine_chunks()
-    return column.to_pylist()
-
-
-def take(values: list | pa.Array, idx: np.ndarray) -> list | pa.Array:
-    return values.take(pa.array(idx)) if isinstance(values, pa.Array) else [values[j] for j in idx]
-
-
-def pair_lengths(pairs: pa.Table, columns: tuple[str, ...]) -> np.ndarray:
-    """Characters per row over the first two (text) ``columns``: what bucketing sorts by."""
-    return sum(pc.utf8_length(pairs[c]).to_numpy(zero_copy_only=False) for c in columns[:2])
-
-
-def bucket_by_length(order: np.ndarray, lengths: np.ndarray, batch_size: int, window: int, seed: list[int]) -> np.ndarray:
-    """``order`` with pairs of similar length in the same batch: each run of ``window`` batches is
-    sorted by length, cut into batches, and those batches are shuffled (from ``seed`` and the window's
-    number). A permutation of ``order``, so an epoch still sees each pair once, and a function of its
-    arguments, so resuming stays exact. A batch of short pairs pads to a short length: on a GPU the
-    tokens padded away are work saved."""
-    out = order.copy()
-    span = window * batch_size
-    for w, start in enumerate(range(0, len(order), span)):
-        chunk = order[start : start + span]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        full = len(chunk) // batch_size * batch_size  # a short last window keeps its tail in place
-        blocks = chunk[:full].reshape(-1, batch_size)
-        blocks = blocks[np.random.default_rng([*seed, w]).permutation(len(blocks))]
-        out[start : start + full] = blocks.reshape(-1)
-        out[start + full : start + len(chunk)] = chunk[full:]
-    return out
-
-
-# Prepared bitext larger than this on disk is streamed a shard at a time instead of held in memory.
-STREAM_ABOVE_BYTES = 2 * 1024**3
-
-
-def stream_batches(files: list[str], rows: list[int], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
-                   world: int = 1, columns: tuple[str, ...] = ("english", "translation"), length_buckets: int = 0
-                   ) -> Iterator[tuple[list, ...]]:
-    """:func:`batches` for bitext shards too large to hold: a pure function of ``(seed, step)`` too, with
-    one shard in memory at a time.
-
-    Each epoch visits the shards in an order drawn from ``(seed, epoch)`` and each shard's rows in an
-    order drawn from ``(seed, epoch, shard)`` (bucketed by length within the shard when
-    ``length_buckets``); steps take consecutive ``batch_size`` rows of that sequence (the epoch's
-    remainder is dropped). ``rows`` are the shards' row counts, so ``start_step`` skips straight to its
-    shard without reading the ones before it: resuming replays no pair and skips none."""
-    total, local = sum(rows), batch_size // max(world, 1)
-    if total < batch_size:
-        raise ValueError(f"{total} bitext pairs cannot fill one batch of {batch_size}")
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} does not split evenly over {world} workers")
-    per_epoch = total // batch_size
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, per_epoch)
-        skip, position, pieces, filled = offset * batch_size, 0, [], 0
-        for shard in np.random.default_rng([seed, epoch]).permutation(len(files)):
-            n = rows[shard]
-            if position + n <= skip:
-                position += n
-                continue
-            table = storage.read_parquet(files[shard], columns=list(columns))
-            order = np.random.default_rng([seed, epoch, int(shard)]).permutation(n)
-            if length_buckets:
-                order = bucket_by_length(order, pair_lengths(table, columns), batch_size, length_buckets,
-                                         [seed, epoch, int(shard)])
-            order = order[max(0, skip - position):]
-            position += n
-            values = [column_values(table[c]) for c in columns]
-            while len(order):
-                piece, order = order[: batch_size - filled], order[batch_size - filled:]
-                pieces.append((values, piece))
-                filled += len(piece)
-                if filled == batch_size:
-                    yield tuple(gather(pieces, k, rank * local, (rank + 1) * local) for k in range(len(columns)))
-                    pieces, filled = [], 0
-                    step += 1
-                    if step % per_epoch == 0:  # the epoch's last batch: its remainder is dropped
-                        break
-            if step // per_epoch != epoch:
-                break
-
-
-def gather(pieces: list[tuple[list, np.ndarray]], k: int, lo: int, hi: int) -> list | pa.Array:
-    """Positions ``lo:hi`` of column ``k`` of a batch filled from several shards: ``pieces`` are each
-    shard's column values and the rows taken from it, in batch order."""
-    parts, start = [], 0
-    for values, idx in pieces:
-        inside = idx[max(lo - start, 0) : max(hi - start, 0)]
-        if len(inside):
-            parts.append(take(values[k], inside))
-        start += len(idx)
-    if parts and isinstance(parts[0], pa.Array):
-        return pa.concat_arrays(parts)
-    return [item for part in parts for item in part]
 
 
 def image_ids(uris: list[str], drop_blank: bool = False) -> set[str]:

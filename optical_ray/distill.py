@@ -29,7 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from . import beir, checkpoints, data, pretokenized, storage
+from . import batching, beir, checkpoints, data, pretokenized, storage
 from .card import write_model_card
 from .config import DataConfig, DistillConfig, TrainingConfig, save_config
 from .encoder import Encoder, EncoderOutput
@@ -56,20 +56,16 @@ def load_bitext(cfg: DistillConfig) -> pa.Table:
 
 
 def training_batches(cfg: DistillConfig, start_step: int, rank: int = 0, world: int = 1,
-                     columns: tuple[str, ...] = ("english", "translation")) -> Iterator[tuple[list, ...]]:
-    """This worker's batches of ``columns`` from ``start_step`` on: prepared shards larger than
-    ``data.STREAM_ABOVE_BYTES`` are streamed a shard at a time, anything smaller is held in memory and
-    shuffled whole. Either order is a function of (seed, step), so resuming is exact."""
+                     columns: tuple[str, ...] = batching.TEXT_COLUMNS) -> Iterator[tuple[list, ...]]:
+    """This worker's batches of ``columns`` from ``start_step`` on: prepared shards are read in
+    ``data.lanes`` lanes, each worker only its own row groups (:func:`batching.lane_batches`); pairs built
+    from caption tables are held in memory and shuffled whole (:func:`batching.batches`). Either order is
+    a function of (seed, step) alone, so resuming is exact on any number of workers."""
     order = {"batch_size": cfg.batch_size, "seed": cfg.seed, "start_step": start_step, "rank": rank, "world": world,
              "columns": columns, "length_buckets": cfg.length_buckets}
     if cfg.data.bitext:
-        files = data.check_bitext_shards(cfg.data.bitext)
-        if sum(storage.size(f) for f in files) > data.STREAM_ABOVE_BYTES:
-            return data.stream_batches(files, [storage.parquet_rows(f) for f in files], **order)
-        pairs = pa.concat_tables([storage.read_parquet(f, columns=list(columns)) for f in files])  # checked just above
-    else:
-        pairs = load_bitext(cfg)
-    return data.batches(pairs, **order)
+        return batching.lane_batches(data.check_bitext_shards(cfg.data.bitext), lanes=cfg.data.lanes, **order)
+    return batching.batches(load_bitext(cfg), **order)
 
 
 def load_models(cfg: DistillConfig, device: torch.device) -> tuple[Encoder, Encoder]:

@@ -95,15 +95,16 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def read_parquet_schema(uri: str) -> pa.Schema:
     """The schema from a Parquet file's footer (reads only the footer)."""
-    return _parquet_footer(uri).schema.to_arrow_schema()
+    return parquet_footer(uri).schema.to_arrow_schema()
 
 
 def parquet_rows(uri: str) -> int:
     """The row count from a Parquet file's footer (reads only the footer)."""
-    return _parquet_footer(uri).num_rows
+    return parquet_footer(uri).num_rows
 
 
-def _parquet_footer(uri: str) -> pq.FileMetaData:
+def parquet_footer(uri: str) -> pq.FileMetaData:
+    """A Parquet file's footer: schema, row groups and their row counts (reads only the footer)."""
     fs, path = resolve(uri)
     try:
         with fs.open_input_file(path) as f:
@@ -112,6 +113,19 @@ def _parquet_footer(uri: str) -> pq.FileMetaData:
         raise StorageError(_not_found(fs, path, uri)) from err
     except (pa.ArrowInvalid, OSError) as err:
         raise StorageError(f"{uri}: not a readable Parquet file ({err})") from err
+
+
+def read_row_group(uri: str, index: int, columns: list[str], footer: pq.FileMetaData) -> pa.Table:
+    """Row group ``index`` of a Parquet file, only its ``columns``. ``footer`` (:func:`parquet_footer`)
+    is passed in so that reading many row groups of one file reads its footer once, not once each."""
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f, metadata=footer).read_row_group(index, columns=columns)
+    except FileNotFoundError as err:
+        raise StorageError(_not_found(fs, path, uri)) from err
+    except (pa.ArrowInvalid, OSError) as err:
+        raise StorageError(f"{uri}: row group {index} not readable ({err})") from err
 
 
 def size(uri: str) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from . import data, metrics
+from . import batching, data, metrics
 from .config import TeacherConfig
 from .distill import Learner, split_output
 from .encoder import Encoder
@@ -66,8 +66,8 @@ class CaptionRetrieval(Learner):
         return loss, {"contrastive": float(loss.detach())}
 
     def batches(self, start_step: int, rank: int = 0, world: int = 1):
-        return data.batches(training_pairs(self.cfg), self.cfg.batch_size, self.cfg.seed, start_step, rank, world,
-                            columns=("query", "passage"), length_buckets=self.cfg.length_buckets)
+        return batching.batches(training_pairs(self.cfg), self.cfg.batch_size, self.cfg.seed, start_step, rank, world,
+                                columns=("query", "passage"), length_buckets=self.cfg.length_buckets)
 
     def dev_data(self) -> pa.Table:
         return data.read_captions(self.cfg.data.dev, self.cfg.data.drop_blank)

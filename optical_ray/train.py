@@ -2,8 +2,9 @@
 (DDP: gloo on CPU, NCCL on GPU). This module is the wiring only: a reporter that hands metrics and
 checkpoints to Ray, the scaling and failure policy, and the export of the final student.
 
-Every worker reads the bitext and takes its slice of each global batch (:func:`optical_ray.data.batches`),
-so the pairs trained on do not depend on the number of workers, and a restarted worker group -- after a
+Every worker takes its slice of each global batch (:mod:`optical_ray.batching`; from prepared shards it
+reads only the row groups holding its slice), so the pairs trained on do not depend on the number of
+workers, and a restarted worker group -- after a
 worker or a node is lost, up to ``ray.max_failures`` times -- resumes from the latest checkpoint
 (every ``checkpoint_every`` steps) consuming exactly the pairs an uninterrupted run would have.
 Running again with the same ``ray.name`` and ``ray.storage_path`` resumes an interrupted run; with a

@@ -5,8 +5,8 @@ import pytest
 import torch
 import yaml
 
+from optical_ray.batching import batches
 from optical_ray.config import ConfigError, DistillConfig, load_config
-from optical_ray.data import batches
 from optical_ray.distill import Distiller, distill, load_bitext, load_models
 from optical_ray.encoder import Encoder
 

@@ -3,6 +3,7 @@ cheap end-to-end run (one trained arm, one seed, tiny models) that a second call
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -93,7 +94,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
                              "test_sets": [{"name": "val_again", "data": [str(SAMPLE_DIR / "val_english_captions.parquet")]}]},
         "retune_for_teacher": True, "held_out_languages": ["gn"],
         "curve": {"arms": ["ot+contrastive"], "steps": 4, "every": 2, "seed": 1},  # not a swept seed
-        "distill": {"student": str(tiny_model_dir), "steps": 4, "batch_size": 8, "eval_every": 2, "max_length": 32,
+        "distill": {"student": str(tiny_model_dir), "steps": 2, "batch_size": 8, "max_length": 32,
                     "data": {"dev_languages": ["de", "qu"], "low_resource": ["qu"]},
                     "ray": {"num_workers": 1, "cpus_per_worker": 0.5, "torch_threads": 1}},
         "sweep": {"num_samples": 1, "scheduler": "fifo", "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
@@ -306,6 +307,7 @@ def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_aga
     runs of another teacher."""
     import shutil
 
+    import optical_ray.research.runner
     import optical_ray.teacher
     from optical_ray.research.runner import Runner
 
@@ -327,11 +329,14 @@ def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_aga
     assert json.loads(path.read_text()) == again and again["report"] == first["report"]
     assert runner.task_teacher() == again  # the model is back: nothing trained
 
-    # A rebuild that lands elsewhere on dev is another teacher: refused, the record left as it was.
+    # A rebuild that lands elsewhere on dev is another teacher: refused, the record left as it was. (The
+    # rebuild is the model just trained, kept aside: a third training would check nothing more.)
     recorded = json.loads(path.read_text())
     recorded["report"]["sets"]["dev"]["after"]["R@1"] += 0.05
     path.write_text(json.dumps(recorded))
+    kept = shutil.copytree(Path(teacher_cfg.output_dir) / "student", tmp_path / "kept")
     shutil.rmtree(teacher_cfg.output_dir)
+    monkeypatch.setattr(optical_ray.research.runner, "run_training", lambda cfg: kept)
     with pytest.raises(RuntimeError, match=r"another teacher.*Delete the record"):
         runner.task_teacher()
     assert json.loads(path.read_text()) == recorded

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from optical_ray import data, pretokenized
+from optical_ray import batching, data, pretokenized
 from optical_ray.cli import main
 from optical_ray.config import SAMPLE_DIR, DistillConfig, load_config, training_fields
 from optical_ray.distill import Distiller, distill, load_models
@@ -112,37 +112,23 @@ def test_length_buckets_keep_the_order_a_function_of_seed_and_step(tmp_path):
     n = 300
     pairs = pa.table({"english": ["w " * int(k) for k in rng.integers(1, 40, n)],
                       "translation": ["v " * int(k) for k in rng.integers(1, 40, n)]})
-    lengths = data.pair_lengths(pairs, ("english", "translation"))
+    lengths = batching.pair_lengths(pairs, ("english", "translation"))
 
     def spread(stream, steps):
         return np.mean([np.ptp([len(e) + len(t) for e, t in zip(*next(stream))]) for _ in range(steps)])
 
-    stream = data.batches(pairs, 10, seed=2, length_buckets=5)
+    stream = batching.batches(pairs, 10, seed=2, length_buckets=5)
     first = [next(stream) for _ in range(75)]  # 30 batches per epoch: two and a half epochs
     assert sorted(e for batch in first[:30] for e in batch[0]) == sorted(pairs["english"].to_pylist())  # each pair once
-    resumed = data.batches(pairs, 10, seed=2, start_step=37, length_buckets=5)
+    resumed = batching.batches(pairs, 10, seed=2, start_step=37, length_buckets=5)
     assert [next(resumed) for _ in range(38)] == first[37:]
-    halves = [data.batches(pairs, 10, seed=2, start_step=37, rank=r, world=2, length_buckets=5) for r in range(2)]
+    halves = [batching.batches(pairs, 10, seed=2, start_step=37, rank=r, world=2, length_buckets=5) for r in range(2)]
     (e0, t0), (e1, t1) = next(halves[0]), next(halves[1])
     assert (e0 + e1, t0 + t1) == first[37]
     # Bucketed batches hold pairs of similar length: far less padding than batches as drawn.
-    assert spread(data.batches(pairs, 10, seed=2, length_buckets=5), 30) < 0.5 * spread(data.batches(pairs, 10, seed=2), 30)
-    order = data.bucket_by_length(np.arange(n), lengths, 10, 5, [2, 0])
+    assert spread(batching.batches(pairs, 10, seed=2, length_buckets=5), 30) < 0.5 * spread(batching.batches(pairs, 10, seed=2), 30)
+    order = batching.bucket_by_length(np.arange(n), lengths, 10, 5, [2, 0])
     assert sorted(order) == list(range(n))
-
-
-def test_length_buckets_stream_shards_exactly_too(tmp_path):
-    n = 230
-    pairs = pa.table({"english": ["w " * (i % 37 + 1) for i in range(n)], "translation": [f"t{i}" for i in range(n)]})
-    files = [str(tmp_path / f"part-{k}.parquet") for k in range(4)]
-    for k, path in enumerate(files):
-        data.storage.write_parquet(pairs.slice(60 * k, 60), path)
-    rows = [60, 60, 60, 50]
-    stream = data.stream_batches(files, rows, 16, seed=5, length_buckets=2)
-    first = [next(stream) for _ in range(30)]
-    assert len({t for batch in first[:14] for t in batch[1]}) == 14 * 16
-    resumed = data.stream_batches(files, rows, 16, seed=5, start_step=9, length_buckets=2)
-    assert [next(resumed) for _ in range(21)] == first[9:]
 
 
 def test_length_buckets_at_their_default_leave_the_records_keys_alone(tmp_path):
