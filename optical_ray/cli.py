@@ -397,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "one sentence per line (FLORES, Tatoeba) (repeatable)")
     p.add_argument("--max-chars", type=int, default=1000, help="drop pairs with a side longer than this (default 1000)")
     p.add_argument("--out", required=True, help="output folder, local or s3://bucket/prefix")
-    p.add_argument("--rows-per-shard", type=int, default=50_000)
+    p.add_argument("--rows-per-shard", type=int, default=50_000,
+                   help="pairs per Parquet file (default 50,000); pairs are written shuffled in row groups of at most "
+                        "1,024, which training deals to its data.lanes so that each worker reads only its own")
     p.add_argument("--tokenize-for", action="append", metavar="MODEL",
                    help="also store the tokens MODEL reads for each side (repeatable: the student and the teacher), "
                         "so training pads them instead of tokenising on the trainer")
