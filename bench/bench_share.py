@@ -66,7 +66,7 @@ def worker(folder: str, mode: str, rank: int, world: int, batch: int) -> dict:
     else:
         pairs = pa.concat_tables([storage.read_parquet(f, columns=list(batching.TEXT_COLUMNS)) for f in files])
         stream = batching.batches(pairs, batch, seed=0, rank=rank, world=world)
-    steps = sum(storage.parquet_rows(f) for f in files) // batch
+    steps = sum(footer.num_rows for footer in files.values()) // batch
     pairs_seen = sum(len(next(stream)[0]) for _ in range(steps))
     return {"read_mb": (proc("rchar", "/proc/self/io") - rchar) / 1e6, "peak_mb": (proc("VmHWM") - rss) / 1024,
             "seconds": time.perf_counter() - started, "pairs": pairs_seen}

@@ -16,11 +16,12 @@ pairs in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import storage
 
@@ -55,10 +56,11 @@ def batches(pairs: pa.Table, batch_size: int, seed: int, start_step: int = 0, ra
             step += 1
 
 
-def lane_batches(files: list[str], batch_size: int, seed: int, start_step: int = 0, rank: int = 0, world: int = 1,
-                 columns: tuple[str, ...] = TEXT_COLUMNS, lanes: int = 8, length_buckets: int = 0
+def lane_batches(shards: Mapping[str, pq.FileMetaData], batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world: int = 1, columns: tuple[str, ...] = TEXT_COLUMNS, lanes: int = 8, length_buckets: int = 0
                  ) -> Iterator[tuple[list, ...]]:
-    """:func:`batches` for bitext shards, each worker reading only its share of them.
+    """:func:`batches` for bitext shards, each worker reading only its share of them. ``shards``: each
+    shard's URI and footer, as :func:`optical_ray.data.check_bitext_shards` returns them.
 
     Every row group of every shard is dealt, in an order drawn from ``(seed, epoch)``, to one of
     ``lanes`` lanes; a lane reads its row groups one after another, each one's rows in an order drawn
@@ -75,7 +77,7 @@ def lane_batches(files: list[str], batch_size: int, seed: int, start_step: int =
         raise ValueError(f"batch_size {batch_size} does not split into {lanes} lanes (data.lanes)")
     if lanes % world:
         raise ValueError(f"{lanes} lanes (data.lanes) do not split evenly over {world} workers")
-    footers = [storage.parquet_footer(f) for f in files]  # small: row counts and offsets, not rows
+    files, footers = list(shards), list(shards.values())
     groups = [(f, g, footer.row_group(g).num_rows) for f, footer in enumerate(footers)
               for g in range(footer.num_row_groups) if footer.row_group(g).num_rows]
     if len(groups) < lanes:

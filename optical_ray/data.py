@@ -277,8 +277,9 @@ def write_bitext_shards(pairs: pa.Table, out_uri: str, rows_per_shard: int = 50_
     return paths
 
 
-def check_bitext_shards(uri: str) -> list[str]:
-    """The shard files a finished preparation under ``uri`` lists, after reading each footer: a
+def check_bitext_shards(uri: str) -> dict[str, pq.FileMetaData]:
+    """The shard files a finished preparation under ``uri`` lists, each with its footer (read here for
+    the schema, and kept: training deals their row groups to lanes without reading them again). A
     missing bucket or key, an unfinished preparation, a corrupt shard or a wrong schema fails here,
     naming the URI, before any training starts."""
     storage.list_files(uri)  # a missing bucket or folder is named here
@@ -289,12 +290,13 @@ def check_bitext_shards(uri: str) -> list[str]:
     files = [storage.join(uri, part) for part in json.loads(storage.read_bytes(marker))["parts"]]
     if not files:
         raise DataError(f"{uri}: no Parquet bitext shards")
+    footers = {}
     for path in files:
-        schema = storage.read_parquet_schema(path)
-        missing = [c for c in BITEXT_COLUMNS if c not in schema.names]
+        footers[path] = storage.parquet_footer(path)
+        missing = [c for c in BITEXT_COLUMNS if c not in footers[path].schema.to_arrow_schema().names]
         if missing:
             raise DataError(f"{path}: not a bitext shard, missing column(s) {', '.join(missing)}")
-    return files
+    return footers
 
 
 def bitext_fingerprint(uri: str) -> str:

@@ -7,6 +7,7 @@ chain (environment, profile, instance role), the endpoint of an S3-compatible st
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import uuid
@@ -30,12 +31,24 @@ def s3_endpoint() -> str | None:
 
 
 def s3_filesystem() -> pafs.S3FileSystem:
+    """The S3 filesystem of the current AWS settings, one per process and setting: a filesystem owns
+    its connection pool, so a new one per call would open a connection (a TLS handshake on AWS) for
+    every read, and training reads a row group at a time."""
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return _s3_filesystem(s3_endpoint(), region, tuple(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
+
+
+_CREDENTIAL_VARIABLES = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@functools.cache
+def _s3_filesystem(endpoint: str | None, region: str | None, credentials: tuple) -> pafs.S3FileSystem:
+    """``credentials`` only keys the cache (changed credentials, a new filesystem): the AWS SDK reads
+    them itself, from its chain."""
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
-    endpoint = s3_endpoint()
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs.update(endpoint_override=parsed.netloc, scheme=parsed.scheme)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
         kwargs["region"] = region
     return pafs.S3FileSystem(**kwargs)

@@ -10,10 +10,12 @@ N = 230
 
 
 def shards(tmp_path, n=N, rows_per_shard=60, **columns):
+    """Prepared shards of ``n`` pairs; ``columns`` adds columns or replaces the generated ones."""
     pairs = pa.table({"english": [f"en {i}" for i in range(n)], "translation": [f"xx {i}" for i in range(n)],
                       "lang": ["de", "qu"] * (n // 2), "image_id": [str(i // 5) for i in range(n)],
                       "caption_idx": pa.array([i % 5 for i in range(n)], pa.int32()), **columns})
-    return data.write_bitext_shards(pairs, str(tmp_path / "bitext"), rows_per_shard=rows_per_shard)
+    data.write_bitext_shards(pairs, str(tmp_path / "bitext"), rows_per_shard=rows_per_shard)
+    return data.check_bitext_shards(str(tmp_path / "bitext"))  # each shard's footer, as training reads them
 
 
 def steps(stream, n):
@@ -22,7 +24,7 @@ def steps(stream, n):
 
 def test_shards_are_written_shuffled_in_at_least_64_row_groups(tmp_path):
     files = shards(tmp_path)
-    footers = [storage.parquet_footer(f) for f in files]
+    footers = list(files.values())
     assert [f.num_rows for f in footers] == [60, 60, 60, 50]
     assert sum(f.num_row_groups for f in footers) >= data.MIN_ROW_GROUPS
     written = pa.concat_tables([storage.read_parquet(f) for f in files])["english"].to_pylist()
@@ -67,9 +69,7 @@ def test_each_worker_reads_only_the_row_groups_of_its_lanes(tmp_path, monkeypatc
 
 
 def test_length_buckets_within_lanes_resume_exactly(tmp_path):
-    pairs = pa.table({"english": ["w " * (i % 37 + 1) for i in range(N)], "translation": [f"t{i}" for i in range(N)],
-                      "lang": ["de"] * N})
-    files = data.write_bitext_shards(pairs, str(tmp_path / "bitext"), rows_per_shard=60)
+    files = shards(tmp_path, english=["w " * (i % 37 + 1) for i in range(N)], translation=[f"t{i}" for i in range(N)])
     first = steps(batching.lane_batches(files, 16, seed=5, length_buckets=2), 30)
     assert len({t for batch in first[:10] for t in batch[1]}) == 10 * 16
     assert steps(batching.lane_batches(files, 16, seed=5, start_step=9, length_buckets=2), 21) == first[9:]

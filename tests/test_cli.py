@@ -82,7 +82,7 @@ def test_data_prepare_writes_bitext_shards_without_evaluation_images(tmp_path, c
     # Prepared again into the same folder in one shard: the two stale parts left there are never read.
     assert main(["data", "prepare", "--captions", str(SAMPLE_DIR / "train_captions.parquet"), "--languages", "de,qu",
                  "--exclude-images-from", val, "--out", str(out), "--rows-per-shard", "3000"]) == 0
-    assert len(list(out.glob("part-*.parquet"))) == 3 and check_bitext_shards(str(out)) == [str(out / "part-00000.parquet")]
+    assert len(list(out.glob("part-*.parquet"))) == 3 and list(check_bitext_shards(str(out))) == [str(out / "part-00000.parquet")]
     # A preparation that never finished (no marker) is refused by name.
     (out / "_SUCCESS.json").unlink()
     with pytest.raises(DataError, match="no _SUCCESS.json"):

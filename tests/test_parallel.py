@@ -136,6 +136,6 @@ def test_prepare_mixes_sources_guards_leaks_and_reports_per_language(tmp_path, c
     printed = capsys.readouterr().out
     assert "| sw | 4 | 0 | 1 |" in printed and "| wo | 1 | 1 | 0 |" in printed  # kept, blank, leaked
     files = data.check_bitext_shards(str(tmp_path / "out"))
-    written = pq.read_table(files[0])
+    written = pq.read_table(next(iter(files)))
     assert sorted(written.filter(pa.compute.equal(written["lang"], "sw"))["translation"].to_pylist()) == sorted(SW)
     assert json.loads((tmp_path / "out" / "_SUCCESS.json").read_text())["pairs_per_language"] == {"sw": 4, "wo": 1}

@@ -22,3 +22,13 @@ def test_a_write_that_fails_midway_leaves_no_visible_object(where, s3, tmp_path)
     assert storage.list_files(base) == [] if storage.exists(base) else True  # no partial left behind either
     storage.write_bytes(b"complete", target)
     assert storage.read_bytes(target) == b"complete" and storage.list_files(base) == [target]
+
+
+def test_one_s3_filesystem_serves_every_read_until_the_aws_settings_change(s3, monkeypatch):
+    """A filesystem owns its connection pool: training reads a row group at a time, each through the same one."""
+    uri = f"s3://{s3['bucket']}/reuse/part.bin"
+    storage.write_bytes(b"x", uri)
+    first = storage.resolve(uri)[0]
+    assert storage.read_bytes(uri) == b"x" and storage.resolve(uri)[0] is first
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
+    assert storage.resolve(uri)[0] is not first  # new credentials: a new filesystem, which the SDK reads them into
