@@ -429,6 +429,47 @@ def test_what_ot_adds_to_contrastive_is_stated_under_every_teacher():
     assert "(t, the task-trained teacher): gap change `low` +0.500 [" in added[1]
 
 
+def test_each_stated_change_is_checked_again_at_the_curves_length(tmp_path):
+    """The answer at the arms' length and at the curves': the same comparisons from the curves' last
+    checkpoint (paired on images, one seed), and whether each holds at both (hand-computed case)."""
+    from optical_ray.config import TestSet
+    from optical_ray.research.report import length_markdown
+    from optical_ray.research.runner import TestData
+    from optical_ray.research.stats import curve_changes, summarize_test
+
+    spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
+    images = np.array(["a", "b", "c", "d"])
+    test = TestData(spec, captions=None, query_images={"de": images, "qu": images})
+
+    def ranks(qu):
+        return {"t": {"de": pack_ranks(np.ones(4)), "qu": pack_ranks(np.array(qu, float))}}
+
+    none = {"arm": "none", "seed": 0, "tests": ranks([2, 2, 2, 2])}                       # gap 1.00
+    short = summarize_test(test, [none, {"arm": "mse", "seed": 0, "tests": ranks([2, 2, 2, 2])},     # gap 1.00
+                                  {"arm": "contrastive", "seed": 0, "tests": ranks([1, 2, 2, 2])},  # gap 0.75
+                                  {"arm": "ot+contrastive", "seed": 0, "tests": ranks([1, 1, 1, 1])}],  # gap 0.00
+                           ["none", "mse", "contrastive", "ot+contrastive"], n_resamples=200)
+    curves = [{"arm": "mse", "seed": 0, "batch_size": 8, "points": {"2": ranks([2, 2, 2, 2]), "4": ranks([1, 1, 1, 1])}},
+              {"arm": "ot+contrastive", "seed": 0, "batch_size": 8, "points": {"2": ranks([1, 1, 1, 1]), "4": ranks([1, 1, 1, 1])}},
+              {"arm": "contrastive", "seed": 0, "batch_size": 8, "points": {"2": ranks([1, 2, 2, 2])}}]  # not at 4 yet
+    longer = curve_changes(test, curves, none, n_resamples=200)
+    assert longer["step"] == 4 and set(longer["gaps"]["low"]) == {"mse/none", "ot+contrastive/none", "ot+contrastive/mse"}
+    assert longer["gaps"]["low"]["mse/none"] == {"change": -1.0, "ci95": [-1.0, -1.0]}  # every image moved
+    assert longer["gaps"]["low"]["ot+contrastive/mse"] == {"change": 0.0, "ci95": [0.0, 0.0]}
+    results = {"tests": {"t": short}, "curve_teacher": "teacher", "at_curve_length": {"t": longer}}
+    cfg = experiment_config(tmp_path, distill={"steps": 2}, seeds=[0])
+    rows = {line.split(" | ")[1]: line for line in length_markdown(results, cfg) if line.startswith("| low |")}
+    assert "## The answer at 2 and at 4 steps" in length_markdown(results, cfg)
+    # MSE narrows the gap only in the longer run; OT + contrastive narrows it more than MSE only in the
+    # shorter one (after 4 steps both find everything); against no distillation it narrows it at both.
+    assert rows["(1) MSE − (0) none"].endswith("| +0.000 [+0.000, +0.000] | -1.000 [-1.000, -1.000] | "
+                                               "no: no clear change → narrows |")
+    assert rows["(3) OT + contrastive − (1) MSE"].endswith("| -1.000 [-1.000, -1.000] | +0.000 [+0.000, +0.000] | "
+                                                           "no: narrows → no clear change |")
+    assert rows["(3) OT + contrastive − (0) none"].endswith("| yes: narrows |")
+    assert "(4) contrastive" not in "".join(rows)  # its curve has not reached the last step
+
+
 def test_the_committed_results_md_is_what_the_report_writes_from_results_json():
     """RESULTS.md is generated, never edited by hand: from the committed results.json the report code
     writes it again byte for byte (so a refactor of the report shows up here as a diff)."""

@@ -16,6 +16,8 @@ from .stats import (
     choice_comparison,
     clear,
     compare_teachers,
+    comparisons,
+    curve_changes,
     families,
     group_r1,
     group_r1_changes,
@@ -69,6 +71,9 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
         results["curves"] = {name: arms for name, arms in summaries.items() if any(arms.values())}
         results["curve_teacher"] = curves[0]["teacher"]
         results["curve_seed"] = curves[0]["seed"]
+        if start is not None:
+            longer = {t.spec.name: curve_changes(t, curves, start, cfg.bootstrap) for t in tests}
+            results["at_curve_length"] = {name: changes for name, changes in longer.items() if changes}
     pivot = {teacher.name: {t.spec.name: changes for t in tests
                             if (changes := group_r1_changes(t, teacher.records, *PIVOT_COMPARISON, cfg.bootstrap))}
              for teacher in runs.values()}
@@ -279,7 +284,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
     lines += teacher_markdown(results) + pivot_markdown(results) + tuning_check_markdown(results) + \
-        curves_markdown(results)
+        curves_markdown(results) + length_markdown(results, cfg)
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
               ("Finished runs are recorded in `runs/` (one JSON per arm and seed, keyed by a hash of its effective "
@@ -485,6 +490,46 @@ def curves_markdown(results: dict) -> list[str]:
                 cells = [f"{point['gaps'][g]['value']:.3f} {fmt_interval(point['gaps'][g]['ci95'], sign=False)}"
                          for g in gaps] + [f"{point['r1'][g]:.3f}" if g in point["r1"] else "—" for g in groups]
                 lines.append(f"| {arm_label(arm)} | {point['pairs']:,} | {' | '.join(cells)} |")
+        lines.append("")
+    return lines
+
+
+VERDICT = {"smaller": "narrows", "larger": "widens", "unclear": "no clear change"}
+
+
+def length_markdown(results: dict, cfg: ExperimentConfig) -> list[str]:
+    """The answer's comparisons at the arms' length and at the curves' length, and whether each holds at both."""
+    found = results.get("at_curve_length", {})
+    if not found:
+        return []
+    chosen = results.get("chosen_teacher", {})
+    short = chosen if chosen.get("teacher") == results["curve_teacher"] else results  # the curves' teacher's runs
+    first = next(iter(found.values()))
+    lines = [f"## The answer at {cfg.distill.steps} and at {first['step']:,} steps", "",
+             (f"Each change of an absolute gap that the answer states, under the "
+              f"{teacher_label(results, results['curve_teacher'])} teacher: at the arms' length ({cfg.distill.steps} "
+              f"steps, seeds {', '.join(map(str, cfg.seeds))}; intervals over images and seeds) and at the curves' "
+              f"length ({first['step']:,} steps, seed {first['seed']}; intervals over images only). A conclusion "
+              "holds at both when both intervals exclude 0 on the same side. Negative: the first arm's gap is "
+              "smaller."), ""]
+    for name, at_length in found.items():
+        arms = short["tests"][name]["arms"]
+        lines += [f"### {name} ({results['tests'][name]['protocol']})", "",
+                  f"| gap | change | {cfg.distill.steps} steps | {at_length['step']:,} steps | holds at both |",
+                  "|---|---|---|---|---|"]
+        for gap, changes in at_length["gaps"].items():
+            for arm, against in comparisons(arms):
+                if f"{arm}/{against}" not in changes:
+                    continue
+                long = changes[f"{arm}/{against}"]
+                entry = arms[arm]["gaps"][gap]["abs"]
+                interval = entry["diff_ci95"][against]
+                change = entry["value"] - arms[against]["gaps"][gap]["abs"]["value"]
+                before, after = clear(interval), clear(long["ci95"])
+                holds = (f"yes: {VERDICT[before]}" if before == after != "unclear" else
+                         "neither clear" if before == after else f"no: {VERDICT[before]} → {VERDICT[after]}")
+                lines.append(f"| {gap} | {arm_label(arm)} − {arm_label(against)} | {change:+.3f} {fmt_interval(interval)} | "
+                             f"{long['change']:+.3f} {fmt_interval(long['ci95'])} | {holds} |")
         lines.append("")
     return lines
 

@@ -170,6 +170,42 @@ def summarize_curves(test, curves: list[dict], n_resamples: int, start: dict | N
     return out
 
 
+# Besides every arm against no distillation, the comparisons the answer draws between arms: what OT adds
+# to contrastive, and the best-tuned combination against the baseline method (MSE).
+ARM_COMPARISONS = (("ot+contrastive", "contrastive"), ("ot+contrastive", "mse"))
+
+
+def comparisons(arms) -> list[tuple[str, str]]:
+    """(arm, against) pairs stated in the answer among ``arms``: each trained arm against ``none``,
+    then :data:`ARM_COMPARISONS` where both arms are there."""
+    return ([(arm, "none") for arm in arms if arm != "none"]
+            + [(arm, other) for arm, other in ARM_COMPARISONS if arm in arms and other in arms])
+
+
+def curve_changes(test, curves: list[dict], start: dict, n_resamples: int) -> dict:
+    """The answer's comparisons at the curves' last step: per gap and (arm, against), the change of the
+    absolute gap with its 95% interval over images (paired; one seed per curve, so no seed level).
+    ``start``, the undistilled student's record, is ``none``. Only curves that reached the last step."""
+    spec = test.spec
+    if spec.name not in start["tests"]:
+        return {}
+    weights, query_index, _ = image_draws(test, n_resamples)
+    last = max((int(step) for c in curves for step, tests in c["points"].items() if spec.name in tests), default=0)
+    at_last = {"none": start} | {c["arm"]: {"seed": c["seed"], "tests": c["points"][str(last)]} for c in curves
+                                 if spec.name in c["points"].get(str(last), {})}
+    if len(at_last) < 2:
+        return {}
+    summaries = {arm: arm_summary(spec, [record], weights, query_index) for arm, record in at_last.items()}
+    out: dict = {"step": last, "seed": curves[0]["seed"], "gaps": {}}
+    for gap in spec.gaps:
+        values = {arm: summary["gaps"][gap]["abs"]["value"] for arm, (summary, _) in summaries.items()}
+        out["gaps"][gap] = {f"{arm}/{against}": {"change": values[arm] - values[against],
+                                                 "ci95": summaries[arm][1].change(summaries[against][1], f"{gap}/abs",
+                                                                                 values[arm] - values[against])["ci95"]}
+                            for arm, against in comparisons(at_last)}
+    return out
+
+
 def group_r1(summary: dict, langs: list[str]) -> float:
     """Mean R@1 of a language group in one arm's summary."""
     return float(np.mean([summary["languages"][lang]["R@1"] for lang in langs]))
