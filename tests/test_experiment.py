@@ -174,6 +174,9 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert saved["curve_seed"] == 1 and "the arm's swept knobs, seed 1)" in (out / "RESULTS.md").read_text()
     [storage] = (tmp_path / "runs" / "ray").glob("curve-ot-contrastive-seed1-*")
     assert sorted(p.name for p in storage.glob("step_*")) == ["step_0000004"]
+    longer = saved["at_curve_length"]["sample_2018"]  # the answer's comparisons again at the curve's last step
+    assert longer["step"] == 4 and list(longer["gaps"]["trained_low"]) == ["ot+contrastive/none"]
+    assert "## The answer at 2 and at 4 steps" in (out / "RESULTS.md").read_text()
     assert (out / "gap_vs_pairs.png").stat().st_size > 0 and "## How the gap moves with training length" in (
         out / "RESULTS.md").read_text()
     assert set(saved["arms"]["ot+contrastive"]["params"]) == set(ARMS["ot+contrastive"].knobs)
