@@ -3,6 +3,7 @@ cheap end-to-end run (one trained arm, one seed, tiny models) that a second call
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -326,8 +327,11 @@ def test_a_recorded_teacher_whose_model_is_gone_is_trained_again_and_checked_aga
 
     monkeypatch.setattr(optical_ray.teacher, "before_and_after", no_report)
     shutil.rmtree(teacher_cfg.output_dir)
+    older = {k: v for k, v in first.items() if k != "machine"}  # written before records named their machine
+    path.write_text(json.dumps(older))
     again = runner.task_teacher()
     [rebuild] = again["rebuilds"]
+    assert "machine" not in again and rebuild["machine"]["cpus"] == os.cpu_count()  # the rebuild's, not the first's
     assert rebuild["dev_R@1"] == pytest.approx(first["report"]["sets"]["dev"]["after"]["R@1"], abs=1e-9)
     assert json.loads(path.read_text()) == again and again["report"] == first["report"]
     assert runner.task_teacher() == again  # the model is back: nothing trained

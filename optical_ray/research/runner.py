@@ -99,11 +99,17 @@ def tests_key(tests: list[TestData]) -> list[dict]:
     return [to_dict(t.spec) for t in tests]
 
 
+def this_machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
+
+
 def write_record(path: Path, record: dict) -> None:
-    """Written whole or not at all: a record that exists is a finished run. It names the machine that
-    first wrote it, so a report says where its runs ran, whichever machine writes the report."""
-    record.setdefault("machine", {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                                  "cuda": torch.cuda.is_available()})
+    """Written whole or not at all: a record that exists is a finished run. A new record names the
+    machine that wrote it, so a report says where its runs ran, whichever machine writes the report;
+    a record written again (a teacher rebuilt) keeps what it said, or did not say, of its first machine."""
+    if not path.exists():
+        record.setdefault("machine", this_machine())
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(record, indent=1) + "\n")
@@ -277,7 +283,8 @@ class Runner:
                 f"the task teacher trained again in {record['model']} has dev R@1 {rebuilt:.4f}, its record {path} "
                 f"{recorded:.4f}: it is another teacher, and the runs recorded with the first one cannot be "
                 "compared with runs of this one. Delete the record and the chosen teacher's runs to start over.")
-        record.setdefault("rebuilds", []).append({"dev_R@1": rebuilt, "wall_s": time.time() - started})
+        record.setdefault("rebuilds", []).append({"dev_R@1": rebuilt, "wall_s": time.time() - started,
+                                                  "machine": this_machine()})
         self.write(path, record)
         log.info("task teacher trained again: dev R@1 %.4f (recorded %.4f)", rebuilt, recorded)
         self.discard(Path(teacher_cfg.ray.storage_path) / teacher_cfg.ray.name)
