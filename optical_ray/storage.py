@@ -30,6 +30,10 @@ def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
+# What keys the cached filesystem besides endpoint and region: new credentials, a new filesystem.
+_CREDENTIAL_VARIABLES = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """The S3 filesystem of the current AWS settings, one per process and setting: a filesystem owns
     its connection pool, so a new one per call would open a connection (a TLS handshake on AWS) for
@@ -38,13 +42,9 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return _s3_filesystem(s3_endpoint(), region, tuple(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
 
 
-_CREDENTIAL_VARIABLES = ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-
-
 @functools.cache
 def _s3_filesystem(endpoint: str | None, region: str | None, credentials: tuple) -> pafs.S3FileSystem:
-    """``credentials`` only keys the cache (changed credentials, a new filesystem): the AWS SDK reads
-    them itself, from its chain."""
+    """``credentials`` is not passed on: the AWS SDK reads them itself, from its chain."""
     kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=5)}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")

@@ -196,13 +196,13 @@ def curve_changes(test, curves: list[dict], start: dict, n_resamples: int) -> di
     if len(at_last) < 2:
         return {}
     summaries = {arm: arm_summary(spec, [record], weights, query_index) for arm, record in at_last.items()}
-    out: dict = {"step": last, "seed": curves[0]["seed"], "gaps": {}}
-    for gap in spec.gaps:
-        values = {arm: summary["gaps"][gap]["abs"]["value"] for arm, (summary, _) in summaries.items()}
-        out["gaps"][gap] = {f"{arm}/{against}": {"change": values[arm] - values[against],
-                                                 "ci95": summaries[arm][1].change(summaries[against][1], f"{gap}/abs",
-                                                                                 values[arm] - values[against])["ci95"]}
-                            for arm, against in comparisons(at_last)}
+    out: dict = {"step": last, "seed": curves[0]["seed"], "gaps": {gap: {} for gap in spec.gaps}}
+    for gap, changes in out["gaps"].items():
+        for arm, against in comparisons(at_last):
+            (mine, my_draws), (theirs, their_draws) = summaries[arm], summaries[against]
+            change = mine["gaps"][gap]["abs"]["value"] - theirs["gaps"][gap]["abs"]["value"]
+            changes[f"{arm}/{against}"] = {"change": change,
+                                           "ci95": my_draws.change(their_draws, f"{gap}/abs", change)["ci95"]}
     return out
 
 
