@@ -14,6 +14,12 @@ checkpoint at each dev evaluation (a trial restarted after a failure resumes fro
 
 Results land in the sweep's storage: ``trials.csv`` (parameters, metrics and status of every trial),
 ``best.yaml`` (a config ``optical-ray distill`` accepts unchanged) and ``sweep.png``.
+
+A sweep resumes from its storage (``resume``). Where that storage may be lost with its machine (local
+disk on a machine lent for a few hours), a *trial log* keeps what each finished trial reported, a few
+KB to keep anywhere: the sweep started again on a bare machine draws the same trials (the searcher is
+seeded) and replays each logged one -- its dev reports handed to the scheduler again, nothing trained --
+so ASHA decides as before and only the unlogged trials train.
 """
 
 from __future__ import annotations
@@ -94,7 +100,11 @@ class TrialReport:
 
 
 def run_trial(config: dict) -> None:
-    """Tune's function trainable: one distillation in this process."""
+    """Tune's function trainable: one distillation in this process, or the replay of a logged one."""
+    if (reports := config.get("replay", {}).get(trial_key(config))) is not None:
+        for metrics in reports:
+            tune.report(metrics)
+        return
     torch.set_num_threads(max(1, int(config["cpus"])))
     cfg = trial_config(config["distill"], config)
     cfg.checkpoint_every = 0  # a trial reports (and checkpoints) at dev evaluations only
@@ -138,19 +148,81 @@ def refuse_changed_sweep(cfg: SweepConfig) -> None:
     """Before a resume: a sweep started with other terms cannot be continued (Tune would go on with
     the old space and budget, silently); refuse, naming each changed key."""
     record = storage.join(cfg.storage_path, cfg.name, SWEEP_RECORD)
-    if not storage.exists(record):
-        return  # a sweep from before these records: nothing to compare
-    started = json.loads(storage.read_bytes(record))
+    if storage.exists(record):  # else a sweep from before these records: nothing to compare
+        refuse_changed_terms(json.loads(storage.read_bytes(record)), cfg,
+                             f"tune --resume: the sweep at {storage.join(cfg.storage_path, cfg.name)}")
+
+
+def refuse_changed_terms(started: dict, cfg: SweepConfig, what: str) -> None:
     now = json.loads(json.dumps(sweep_terms(cfg)))  # the same types as read back
     changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k)
                      and (k in started or k != BITEXT_CONTENT))
     if changed:
-        raise ConfigError(f"tune --resume: the sweep at {storage.join(cfg.storage_path, cfg.name)} was started with other "
-                          "terms: " + ", ".join(f"{k} {started.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigError(f"{what} was started with other terms: "
+                          + ", ".join(f"{k} {started.get(k)!r} -> {now.get(k)!r}" for k in changed)
                           + "; put them back, or start a new sweep under another name")
 
 
-def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> tune.Tuner:
+def trial_key(params: dict) -> str:
+    """A trial's drawn knob values as text: the same draw gives the same key (JSON keeps floats exact)."""
+    return json.dumps({k: float(params[k]) for k in KNOBS if k in params}, sort_keys=True)
+
+
+def trial_row(name: str, params: dict, metrics: dict, error: Exception | str | None) -> dict:
+    """A trial's row of ``trials.csv``: its knobs, status, steps trained and last dev metrics."""
+    return {
+        "trial": name,
+        "status": "ERROR" if error else "OK",
+        "error": str(error).splitlines()[0][:300] if error else "",
+        **{k: float(params[k]) for k in KNOBS if k in params},
+        "steps": int(metrics.get("step", 0)),
+        # restarted from a checkpoint after a failure (a lost node, say): fewer reports since the restore
+        "restored": int(metrics.get("iterations_since_restore", 0)) < int(metrics.get("training_iteration", 0)),
+        **{k: float(v) for k, v in metrics.items() if k == "objective" or k.startswith("dev_")},
+    }
+
+
+def read_trial_log(cfg: SweepConfig, uri: str) -> dict[str, dict]:
+    """The finished trials of the trial log at ``uri`` by :func:`trial_key` ({} when there is none);
+    refused when the log is of a sweep with other terms (its trials are not this sweep's draws)."""
+    if not storage.exists(uri):
+        return {}
+    log_ = json.loads(storage.read_bytes(uri))
+    refuse_changed_terms(log_["terms"], cfg, f"the trial log {uri}")
+    return {key: trial for key, trial in log_["trials"].items() if "row" in trial}
+
+
+class TrialLog(tune.Callback):
+    """Writes the trial log: each trial's dev reports as they come, and its row when it finishes.
+    Read and written whole at each event, so a driver started again goes on with what is there."""
+
+    def __init__(self, cfg: SweepConfig, uri: str):
+        self.uri, self.terms = uri, json.loads(json.dumps(sweep_terms(cfg)))
+
+    def update(self, trial, change) -> None:
+        log_ = json.loads(storage.read_bytes(self.uri)) if storage.exists(self.uri) else {"terms": self.terms, "trials": {}}
+        key = trial_key(trial.config)
+        entry = log_["trials"].setdefault(key, {"params": json.loads(key), "reports": []})
+        if "row" not in entry:  # a logged trial replayed: its record stays as it was
+            change(entry)
+            storage.write_bytes(json.dumps(log_, indent=1).encode(), self.uri)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        report = {k: v for k, v in result.items() if k in ("step", "objective") or k.startswith("dev_")}
+
+        def add(entry: dict) -> None:  # one report per step: a trial restarted from a checkpoint repeats none
+            entry["reports"] = [r for r in entry["reports"] if r["step"] != report["step"]] + [report]
+        if "objective" in report:
+            self.update(trial, add)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.update(trial, lambda entry: entry.update(
+            row=trial_row(Path(trial.path).name, trial.config, trial.last_result, None)))
+
+
+def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True, trial_log: str | None = None) -> tune.Tuner:
+    """The sweep's Tuner, restored from its storage with ``resume`` where it can be; ``trial_log``: the
+    trial log to replay logged trials from and to log finished ones to (module docstring)."""
     check(cfg)
     filesystem, path = storage.resolve(cfg.storage_path)
     resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {}),
@@ -169,8 +241,12 @@ def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> 
                                   reduction_factor=cfg.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    logged = read_trial_log(cfg, trial_log) if trial_log else {}
     param_space = {"distill": to_dict(with_absolute_paths(cfg.distill)), "objective": cfg.objective, "cpus": cfg.cpus_per_trial,
-                   **search_space(cfg)}
+                   "replay": {key: trial["reports"] for key, trial in logged.items()}, **search_space(cfg)}
+    callbacks = [] if verbose else [TrialProgress(cfg.num_samples)]
+    if trial_log:
+        callbacks.append(TrialLog(cfg, trial_log))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -181,8 +257,7 @@ def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> 
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   # quiet: one bar of finished trials instead of Tune's status tables
-                                  verbose=1 if verbose else 0,
-                                  callbacks=[] if verbose else [TrialProgress(cfg.num_samples)]),
+                                  verbose=1 if verbose else 0, callbacks=callbacks),
     )
 
 
@@ -216,26 +291,24 @@ class SweepResult:
     best: DistillConfig | None
     trial_steps: int  # training steps spent over all trials
     best_params: dict = field(default_factory=dict)  # the winning trial's knob values
+    replayed: int = 0  # trials taken from the trial log, trained by an earlier start of the sweep
 
 
-def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> SweepResult:
-    """Run (or resume) the sweep on the connected Ray cluster and write its results."""
-    results = make_tuner(cfg, resume, verbose).fit()
+def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, trial_log: str | None = None) -> SweepResult:
+    """Run (or resume) the sweep on the connected Ray cluster and write its results. ``trial_log``: a
+    local path or s3:// URI of the sweep's trial log (module docstring)."""
+    logged = read_trial_log(cfg, trial_log) if trial_log else {}  # before this start logs its own
+    results = make_tuner(cfg, resume, verbose, trial_log).fit()
     rows = []
     for result in results:
         params = result.config or {}
-        metrics = result.metrics or {}
-        rows.append({
-            "trial": Path(result.path).name,
-            "status": "ERROR" if result.error else "OK",
-            "error": str(result.error).splitlines()[0][:300] if result.error else "",
-            **{k: float(params[k]) for k in KNOBS if k in params},
-            "steps": int(metrics.get("step", 0)),
-            # restarted from a checkpoint after a failure (a lost node, say): fewer reports since the restore
-            "restored": int(metrics.get("iterations_since_restore", 0)) < int(metrics.get("training_iteration", 0)),
-            **{k: float(v) for k, v in metrics.items() if k == "objective" or k.startswith("dev_")},
-        })
-    trials = pa.Table.from_pylist(rows)
+        # A replayed trial's row is the logged one: the scheduler may now stop it before the step it reached.
+        logged_row = logged.get(trial_key(params), {}).get("row") if not result.error else None
+        rows.append(logged_row or trial_row(Path(result.path).name, params, result.metrics or {}, result.error))
+    replayed = sum(trial_key(result.config or {}) in logged for result in results)
+    # Every row's columns: an errored trial has no dev metrics, and from_pylist keeps the first row's only.
+    columns = dict.fromkeys(k for row in rows for k in row)
+    trials = pa.table({k: [row.get(k) for row in rows] for k in columns})
     completed = [r for r in rows if r["status"] == "OK" and r["steps"] == cfg.distill.steps and "objective" in r]
     best, best_params = None, {}
     if completed:
@@ -243,7 +316,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True) -> S
         best_params = {k: top[k] for k in KNOBS if k in top}
         best = trial_config(to_dict(cfg.distill), best_params)
     write_results(cfg, trials, best)
-    return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows), best_params=best_params)
+    return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows), best_params=best_params,
+                       replayed=replayed)
 
 
 def write_results(cfg: SweepConfig, trials: pa.Table, best: DistillConfig | None) -> None:

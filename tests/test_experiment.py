@@ -159,6 +159,7 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
     assert not (tmp_path / "runs" / "ray" / "ot-contrastive-seed0").exists()  # and its checkpoints
     assert not list((tmp_path / "runs" / "ray").glob("teacher-*"))  # the teacher's too; its model stays
     assert not list((tmp_path / "runs" / "tune").glob("*"))  # and the sweeps' trials, their record kept
+    assert not list((out / "trial-logs").glob("*"))  # and their trial logs, kept only until the record is
     assert saved["status"]["complete"] and saved["status"]["runs"] == len(records)
     assert "the experiment complete" in (out / "RESULTS.md").read_text()
     # The curve: one 4-step run, both kept checkpoints evaluated, only the last one left on disk.
@@ -617,6 +618,39 @@ def test_the_tuning_check_reruns_only_an_arm_its_second_sweep_clearly_beats(tmp_
     verdict = runner.tuning_verdict(cfg, [{"dev": {"dev_r1_low": v}} for v in (0.5, 0.6)],
                                     {"trials": [{"status": "OK", "steps": 99, "objective": 0.9}]})
     assert verdict["best"] is None and not verdict["rerun"]  # a trial ASHA stopped early is not a finished one
+
+
+def test_a_sweep_cut_short_leaves_its_trial_log_with_the_records_until_its_record_is_written(tmp_path, monkeypatch):
+    """The session ends mid-sweep: its Ray storage goes with the machine, its trial log stays beside the
+    records (to be committed); the sweep finished elsewhere says how many trials came from the log, and
+    the log goes once the record holds them."""
+    import pyarrow as pa
+
+    from optical_ray.research import runner
+    from optical_ray.tune import SweepResult
+
+    cfg = experiment_config(tmp_path, arms=["none", "mse"], tuning_check={"num_samples": 8, "lr": [1e-5, 3e-4]})
+    logs = []
+
+    def cut_short(sweep, resume, verbose, trial_log):
+        logs.append(trial_log)
+        Path(trial_log).parent.mkdir(parents=True, exist_ok=True)
+        Path(trial_log).write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_sweep", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        runner.Runner(cfg, []).sweep("mse", "student-init", check=True)
+    [log] = logs
+    assert Path(log).parent == tmp_path / "results" / "trial-logs" and Path(log).name.startswith("check-mse-")
+    assert Path(log).exists()
+
+    finished = SweepResult(trials=pa.table({"lr": [1e-4], "objective": [0.5]}), best=cfg.distill, trial_steps=200,
+                           best_params={"lr": 1e-4}, replayed=1)
+    monkeypatch.setattr(runner, "run_sweep", lambda sweep, resume, verbose, trial_log: finished)
+    record = runner.Runner(cfg, []).sweep("mse", "student-init", check=True)
+    assert record["trials_from_log"] == 1 and record["params"] == {"lr": 1e-4}
+    assert not Path(log).exists() and (tmp_path / "results" / "sweeps" / (Path(log).stem + ".json")).exists()
 
 
 def test_the_tuning_check_is_reported_with_its_verdict_and_the_reruns_change():

@@ -41,7 +41,8 @@ def trial_results(s3, bucket):
 def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster, s3, tiny_model_dir, tiny_teacher_dir, tmp_path):
     bucket = s3["bucket"]
     cfg = sweep_config(tiny_model_dir, tiny_teacher_dir, bucket)
-    result = run_sweep(cfg)
+    trial_log = f"s3://{bucket}/logs/tiny.json"
+    result = run_sweep(cfg, trial_log=trial_log)
 
     trials = pacsv.read_csv(io.BytesIO(storage.read_bytes(f"s3://{bucket}/tune/tiny/trials.csv"))).to_pylist()
     assert len(trials) == 6 and all(t["status"] == "OK" for t in trials)
@@ -74,6 +75,28 @@ def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster
                                           rf"{cfg.num_samples + 1}, search.temperature .* -> \[0.02, 0.3\]"):
         run_sweep(changed, resume=True)
     assert trial_results(s3, bucket) == before
+
+    # The trial log holds every finished trial's row. With the sweep's storage lost, the sweep started
+    # again draws the same trials, replays the logged ones and trains only those the log lacks.
+    log = json.loads(storage.read_bytes(trial_log))
+    assert sorted(t["row"]["trial"] for t in log["trials"].values()) == sorted(t["trial"] for t in trials)
+    assert all(t["row"] == row for row in result.trials.to_pylist() for t in log["trials"].values()
+               if t["row"]["trial"] == row["trial"])
+    lost = sorted(log["trials"])[:2]
+    for key in lost:
+        del log["trials"][key]
+    storage.write_bytes(json.dumps(log).encode(), trial_log)
+    again = run_sweep(cfg.model_copy(update={"name": "tiny-elsewhere"}), trial_log=trial_log)
+    assert again.replayed == 4
+    rows = {row["trial"]: row for row in again.trials.to_pylist()}
+    kept = [t["row"] for t in log["trials"].values()]
+    assert all(rows[row["trial"]] == row for row in kept)  # a replayed trial keeps its row
+    knobs = ("sinkhorn_reg", "temperature")
+    assert sorted(tuple(r[k] for k in knobs) for r in rows.values()) == sorted(tuple(t[k] for k in knobs) for t in trials)
+    objects = s3["client"].list_objects_v2(Bucket=bucket, Prefix="tune/tiny-elsewhere/")["Contents"]
+    trained = {obj["Key"].split("/")[2] for obj in objects if "/checkpoint_" in obj["Key"]}
+    assert len(trained) == 2, f"only the two trials missing from the log train again: {sorted(trained)}"
+    assert len(json.loads(storage.read_bytes(trial_log))["trials"]) == 6  # and are logged again
 
 
 def test_sweep_config_errors_name_the_key(tiny_model_dir):

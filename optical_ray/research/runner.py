@@ -299,16 +299,26 @@ class Runner:
         if (record := self._recorded(path)) is not None or self.recorded_only:
             return record
         sweep.name = name
-        log.info("%s: sweeping %s (teacher %s); Ray storage %s/%s", arm, ", ".join(ARMS[arm].knobs), teacher,
-                 sweep.storage_path, sweep.name)
-        result = run_sweep(sweep, resume=True, verbose=self.verbose)
+        # Ray storage lives and dies with this machine; the trial log, committed beside the records, lets
+        # a sweep cut short by the end of a session go on elsewhere without training its finished trials again.
+        trial_log = self.results / TRIAL_LOGS / f"{name}.json"
+        log.info("%s: sweeping %s (teacher %s); Ray storage %s/%s; trial log %s", arm, ", ".join(ARMS[arm].knobs),
+                 teacher, sweep.storage_path, sweep.name, trial_log)
+        result = run_sweep(sweep, resume=True, verbose=self.verbose, trial_log=str(trial_log))
         if result.best is None:
             raise RuntimeError(f"arm {arm}: no sweep trial finished; see {sweep.storage_path}/{sweep.name}/trials.csv")
         record = {"arm": arm, "key": key, "teacher": teacher, "params": result.best_params,
                   "knobs": list(ARMS[arm].knobs), "trials": result.trials.to_pylist(), "trial_steps": result.trial_steps}
+        if result.replayed:
+            record["trials_from_log"] = result.replayed
         self.write(path, record)
+        trial_log.unlink(missing_ok=True)  # its trials are in the record now
         self.discard(Path(sweep.storage_path) / sweep.name)
         return record
+
+
+# Under results_dir: the trial log of each sweep still running (tune.py), until its record is written.
+TRIAL_LOGS = "trial-logs"
 
 
 def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str, dict]) -> dict:
