@@ -306,9 +306,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, tria
         logged_row = logged.get(trial_key(params), {}).get("row") if not result.error else None
         rows.append(logged_row or trial_row(Path(result.path).name, params, result.metrics or {}, result.error))
     replayed = sum(trial_key(result.config or {}) in logged for result in results)
-    # Every row's columns: an errored trial has no dev metrics, and from_pylist keeps the first row's only.
-    columns = dict.fromkeys(k for row in rows for k in row)
-    trials = pa.table({k: [row.get(k) for row in rows] for k in columns})
+    trials = trials_table(rows)
     completed = [r for r in rows if r["status"] == "OK" and r["steps"] == cfg.distill.steps and "objective" in r]
     best, best_params = None, {}
     if completed:
@@ -318,6 +316,13 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, tria
     write_results(cfg, trials, best)
     return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows), best_params=best_params,
                        replayed=replayed)
+
+
+def trials_table(rows: list[dict]) -> pa.Table:
+    """The rows of :func:`trial_row` as a table with every row's columns: an errored trial has no dev
+    metrics, and ``Table.from_pylist`` would keep only the first row's."""
+    columns = dict.fromkeys(k for row in rows for k in row)
+    return pa.table({k: [row.get(k) for row in rows] for k in columns})
 
 
 def write_results(cfg: SweepConfig, trials: pa.Table, best: DistillConfig | None) -> None:

@@ -131,3 +131,13 @@ def test_a_sweep_refuses_to_resume_on_bitext_prepared_again(tmp_path):
     prepare_bitext(bitext, captions=captions, languages=["de", "ay"])
     with pytest.raises(ConfigError, match=r"started with other terms: distill.data.bitext_content '[0-9a-f]+' -> '[0-9a-f]+'"):
         refuse_changed_sweep(cfg)
+
+
+def test_a_trial_that_errored_first_leaves_the_other_trials_dev_metrics_in_the_table():
+    from optical_ray.tune import trial_row, trials_table
+
+    failed = trial_row("t0", {"lr": 1e-4}, {}, RuntimeError("out of memory\nat step 3"))
+    finished = trial_row("t1", {"lr": 2e-4}, {"step": 200, "objective": 0.5, "dev_r1_de": 0.7}, None)
+    table = trials_table([failed, finished]).to_pylist()
+    assert table[0]["error"] == "out of memory" and table[0]["objective"] is None
+    assert table[1]["objective"] == 0.5 and table[1]["dev_r1_de"] == 0.7 and table[1]["steps"] == 200
