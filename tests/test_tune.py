@@ -86,7 +86,9 @@ def test_asha_sweep_on_s3_writes_results_and_best_config_that_trains(ray_cluster
     for key in lost:
         del log["trials"][key]
     storage.write_bytes(json.dumps(log).encode(), trial_log)
-    again = run_sweep(cfg.model_copy(update={"name": "tiny-elsewhere"}), trial_log=trial_log)
+    # Resources are not terms of the sweep: all six at once, four of them replays that train nothing.
+    elsewhere = cfg.model_copy(update={"name": "tiny-elsewhere", "cpus_per_trial": 0.5, "max_concurrent_trials": 6})
+    again = run_sweep(elsewhere, trial_log=trial_log)
     assert again.replayed == 4
     rows = {row["trial"]: row for row in again.trials.to_pylist()}
     kept = [t["row"] for t in log["trials"].values()]
