@@ -100,7 +100,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
     cfg = load_config(SweepConfig, args.config, dict(args.set or []))
     _connect_ray(args)
-    result = run_sweep(cfg, resume=args.resume, verbose=args.verbose)
+    result = run_sweep(cfg, resume=args.resume, verbose=args.verbose, trial_log=args.trial_log)
+    if result.replayed:
+        print(f"{result.replayed} trials replayed from {args.trial_log}, trained before")
     print(f"{result.trials.num_rows} trials, {result.trial_steps} training steps in all; results in "
           f"{cfg.storage_path.rstrip('/')}/{cfg.name}/ (trials.csv, best.yaml, sweep.png)")
     if result.best is None:
@@ -310,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the sweep's storage. See configs/sweep.yaml.")
     _config_options(p, "SweepConfig", "num_samples=16")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name and storage")
+    p.add_argument("--trial-log", metavar="URI",
+                   help="a JSON file (local or s3://) logging each finished trial; a sweep started again with it, "
+                        "even on a bare machine or in new storage, replays those trials instead of training them")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("index", help="encode a caption corpus or a document collection with Ray Data and build a FAISS index",
