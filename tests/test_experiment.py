@@ -556,6 +556,20 @@ def test_holm_within_each_family_of_reported_changes():
     assert all(c["clear_images"] == "smaller" for c in family)
     assert family[0]["change"] == pytest.approx(-0.1)
 
+    # The comparisons between arms that the answer states are families of their own: the family of
+    # every arm against no distillation keeps its adjusted p-values.
+    combined = gap(0.38, 0.02)["gaps"]["low"]["abs"]
+    for against, p in (("contrastive", 0.01), ("mse", 0.2)):
+        combined["diff_p"][against], combined["diff_ci95"][against] = p, [-0.06, -0.01]
+        combined["diff_ci95_images"][against] = [-0.05, -0.02]
+    results["tests"]["t"]["arms"]["ot+contrastive"] = {"gaps": {"low": {"abs": combined}}}
+    found = families(results)
+    assert list(found) == ["vs_none/student-init", "ot_added/student-init", "ot_contrastive_vs_mse/student-init"]
+    assert [(c["arm"], c["against"], c["p_holm"]) for c in found["ot_added/student-init"]] == [
+        ("ot+contrastive", "contrastive", 0.01)]
+    assert found["ot_contrastive_vs_mse/student-init"][0]["change"] == pytest.approx(0.38 - 0.4)
+    assert [c["p_holm"] for c in found["vs_none/student-init"]] == pytest.approx([0.04, 0.06, 0.06, 0.06])
+
 
 def test_chosen_teacher_arms_run_with_the_chosen_teacher_only(tmp_path, monkeypatch):
     """The runner's order, without training: the baseline teacher's arms, the choice, then every arm with

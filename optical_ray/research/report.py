@@ -347,7 +347,7 @@ def tuning_check_markdown(results: dict) -> list[str]:
 
 
 FAMILY_TITLES = {"vs_none": "every arm vs no distillation", "ot_added": "OT added to contrastive",
-                 "teacher": "the chosen teacher vs the baseline, per arm"}
+                 "ot_contrastive_vs_mse": "OT + contrastive vs MSE", "teacher": "the chosen teacher vs the baseline, per arm"}
 
 
 def multiplicity_markdown(results: dict) -> list[str]:

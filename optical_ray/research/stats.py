@@ -171,8 +171,9 @@ def summarize_curves(test, curves: list[dict], n_resamples: int, start: dict | N
 
 
 # Besides every arm against no distillation, the comparisons the answer draws between arms: what OT adds
-# to contrastive, and the best-tuned combination against the baseline method (MSE).
-ARM_COMPARISONS = (("ot+contrastive", "contrastive"), ("ot+contrastive", "mse"))
+# to contrastive, and the best-tuned combination against the baseline method (MSE); each its own family
+# of Holm's correction, named here.
+ARM_COMPARISONS = {("ot+contrastive", "contrastive"): "ot_added", ("ot+contrastive", "mse"): "ot_contrastive_vs_mse"}
 
 
 def comparisons(arms) -> list[tuple[str, str]]:
@@ -252,27 +253,28 @@ def clear(interval: list[float]) -> str:
 def families(results: dict) -> dict[str, list[dict]]:
     """Every reported change of an absolute gap, grouped into the families the report draws its
     conclusions from, with Holm's correction (statsmodels) within each family: per teacher, every arm
-    against no distillation (``vs_none``) and OT + contrastive against contrastive (``ot_added``); and
-    each arm under the chosen teacher against the baseline teacher (``teacher``). Each change says
-    whether its interval excludes 0 over images alone, over images and seeds, and after Holm."""
+    against no distillation (``vs_none``) and each of :data:`ARM_COMPARISONS` (named there); and each
+    arm under the chosen teacher against the baseline teacher (``teacher``). Each change says whether
+    its interval excludes 0 over images alone, over images and seeds, and after Holm."""
     out: dict[str, list[dict]] = {}
     parts = [(results["teacher"], results)]
     if "chosen_teacher" in results:
         parts.append((results["chosen_teacher"]["teacher"], results["chosen_teacher"]))
     for teacher, part in parts:
-        vs_none, ot_added = [], []
+        kinds = ["vs_none", *ARM_COMPARISONS.values()]
+        found: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for name, test in part["tests"].items():
             arms = test["arms"]
-            for arm, summary in arms.items():
-                for gap, entry in summary["gaps"].items():
+            for arm, against in comparisons(arms):
+                kind = "vs_none" if against == "none" else ARM_COMPARISONS[(arm, against)]
+                for gap, entry in arms[arm]["gaps"].items():
                     g = entry["abs"]
-                    for against, family in (("none", vs_none), ("contrastive", ot_added)):
-                        if against in g["diff_p"] and (against == "none" or arm == "ot+contrastive"):
-                            family.append({"test": name, "gap": gap, "arm": arm, "against": against,
-                                           "change": g["value"] - arms[against]["gaps"][gap]["abs"]["value"],
-                                           "ci95": g["diff_ci95"][against], "ci95_images": g["diff_ci95_images"][against],
-                                           "p": g["diff_p"][against]})
-        out[f"vs_none/{teacher}"], out[f"ot_added/{teacher}"] = vs_none, ot_added
+                    if against in g["diff_p"]:
+                        found[kind].append({"test": name, "gap": gap, "arm": arm, "against": against,
+                                            "change": g["value"] - arms[against]["gaps"][gap]["abs"]["value"],
+                                            "ci95": g["diff_ci95"][against], "ci95_images": g["diff_ci95_images"][against],
+                                            "p": g["diff_p"][against]})
+        out.update({f"{kind}/{teacher}": found[kind] for kind in kinds})
     if "chosen_teacher" in results:
         out["teacher"] = [{"test": name, "gap": gap, "arm": arm, "against": results["teacher"],
                            "change": g["other"] - g["baseline"], "ci95": g["change_ci95"],
