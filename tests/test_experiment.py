@@ -534,6 +534,14 @@ def test_the_status_says_what_is_in_and_what_is_still_to_run(tmp_path):
     status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}, "40": {}}}])
     assert status["complete"] and status_line(status) == "Status: 11 runs recorded, the experiment complete."
 
+    # The tuning check, one arm's sweep cut short: its trial log says how far it came.
+    cfg.tuning_check = load_config(ExperimentConfig, {"tuning_check": {"num_samples": 8, "lr": [1e-5, 3e-4]}}).tuning_check
+    log = tmp_path / "results" / "trial-logs" / "check-mse-0123.json"
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"terms": {}, "trials": {"a": {"row": {}}, "b": {"row": {}}, "c": {"reports": []}}}))
+    status = run_status(cfg, untrained, runs, choice, choice_runs, [{"points": {"20": {}, "40": {}}}])
+    assert status["pending"] == ["the tuning check (0 of 2 arms; check sweeps cut short: 1, their finished trials logged: 2)"]
+
 
 def test_holm_within_each_family_of_reported_changes():
     """Three arms against no distillation form one family: Holm's adjusted p-values by hand

@@ -45,6 +45,10 @@ ARMS = {
 }
 
 
+# Under results_dir: the trial log of each sweep cut short (optical_ray.tune), kept until its record is.
+TRIAL_LOGS = "trial-logs"
+
+
 def check_arms(names: list[str]) -> list[str]:
     unknown = [n for n in names if n not in ARMS]
     if unknown:

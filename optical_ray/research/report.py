@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import TASK_TRAINED, ExperimentConfig
 from ..teacher import report_markdown as teacher_report_markdown
-from .plan import ARMS
+from .plan import ARMS, TRIAL_LOGS
 from .stats import (
     choice_comparison,
     clear,
@@ -146,7 +146,10 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
     if cfg.tuning_check:
         checked = sum(len(t.checks) for t in runs.values())
         if checked < trained_arms:
-            pending.append(f"the tuning check ({checked} of {trained_arms} arms)")
+            logs = sorted((Path(cfg.results_dir) / TRIAL_LOGS).glob("check-*.json"))
+            logged = sum("row" in t for log in logs for t in json.loads(log.read_text())["trials"].values())
+            cut_short = f"; check sweeps cut short: {len(logs)}, their finished trials logged: {logged}" if logs else ""
+            pending.append(f"the tuning check ({checked} of {trained_arms} arms{cut_short})")
     if cfg.curve:
         wanted = sum(arm in cfg.arms for arm in cfg.curve.arms) * (cfg.curve.steps // cfg.curve.every)
         points = sum(len(c["points"]) for c in curves)

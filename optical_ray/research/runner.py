@@ -59,7 +59,17 @@ from ..model_store import model_revision
 from ..teacher import dev_recall
 from ..train import run_training, train_teacher
 from ..tune import OBJECTIVES, run_sweep
-from .plan import ARMS, arm_config, check_arms, check_sweep_config, config_key, placement, sweep_config, sweep_key
+from .plan import (
+    ARMS,
+    TRIAL_LOGS,
+    arm_config,
+    check_arms,
+    check_sweep_config,
+    config_key,
+    placement,
+    sweep_config,
+    sweep_key,
+)
 from .report import write_results
 
 log = logging.getLogger(__name__)
@@ -315,10 +325,6 @@ class Runner:
         trial_log.unlink(missing_ok=True)  # its trials are in the record now
         self.discard(Path(sweep.storage_path) / sweep.name)
         return record
-
-
-# Under results_dir: the trial log of each sweep still running (tune.py), until its record is written.
-TRIAL_LOGS = "trial-logs"
 
 
 def choose_teacher(cfg: ExperimentConfig, candidates: list[str], runs: dict[str, dict]) -> dict:
