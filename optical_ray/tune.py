@@ -187,9 +187,9 @@ def read_trial_log(cfg: SweepConfig, uri: str) -> dict[str, dict]:
     refused when the log is of a sweep with other terms (its trials are not this sweep's draws)."""
     if not storage.exists(uri):
         return {}
-    log_ = json.loads(storage.read_bytes(uri))
-    refuse_changed_terms(log_["terms"], cfg, f"the trial log {uri}")
-    return {key: trial for key, trial in log_["trials"].items() if "row" in trial}
+    contents = json.loads(storage.read_bytes(uri))
+    refuse_changed_terms(contents["terms"], cfg, f"the trial log {uri}")
+    return {key: trial for key, trial in contents["trials"].items() if "row" in trial}
 
 
 class TrialLog(tune.Callback):
@@ -200,12 +200,12 @@ class TrialLog(tune.Callback):
         self.uri, self.terms = uri, json.loads(json.dumps(sweep_terms(cfg)))
 
     def update(self, trial, change) -> None:
-        log_ = json.loads(storage.read_bytes(self.uri)) if storage.exists(self.uri) else {"terms": self.terms, "trials": {}}
+        contents = json.loads(storage.read_bytes(self.uri)) if storage.exists(self.uri) else {"terms": self.terms, "trials": {}}
         key = trial_key(trial.config)
-        entry = log_["trials"].setdefault(key, {"params": json.loads(key), "reports": []})
+        entry = contents["trials"].setdefault(key, {"params": json.loads(key), "reports": []})
         if "row" not in entry:  # a logged trial replayed: its record stays as it was
             change(entry)
-            storage.write_bytes(json.dumps(log_, indent=1).encode(), self.uri)
+            storage.write_bytes(json.dumps(contents, indent=1).encode(), self.uri)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         report = {k: v for k, v in result.items() if k in ("step", "objective") or k.startswith("dev_")}
