@@ -225,12 +225,14 @@ def test_experiment_end_to_end_then_resumes_without_training(ray_cluster, tiny_m
 def test_the_committed_sweep_records_are_still_found_by_their_keys():
     """A change to the configs' schema must not orphan finished work: every committed sweep record of
     configs/experiment.yaml is found under the key this code computes for it (so a rerun skips it)."""
-    from optical_ray.research.plan import sweep_key
+    from optical_ray.research.plan import check_sweep_config, sweep_key
 
     cfg, records, _ = committed("sweeps/*.json")
     for path in records:
         record = json.loads(path.read_text())
-        assert path.name == f"{record['arm'].replace('+', '-')}-{sweep_key(sweep_config(cfg, record['arm'], record['teacher']))}.json"
+        check = path.name.startswith("check-")  # a tuning-check sweep: its own searcher seed, lr range and trials
+        sweep = (check_sweep_config if check else sweep_config)(cfg, record["arm"], record["teacher"])
+        assert path.name == f"{'check-' if check else ''}{record['arm'].replace('+', '-')}-{sweep_key(sweep)}.json"
 
 
 def committed(pattern: str):
