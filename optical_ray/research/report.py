@@ -335,7 +335,8 @@ def tuning_check_markdown(results: dict) -> list[str]:
             knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["chosen"].items()) or "—"
             found_knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["params"].items()) or "—"
             best = f"{c['best']:.3f} ({c['trials']} trials)" if c["best"] is not None else "none finished"
-            rerun = (f"yes (seeds {', '.join(map(str, c['rerun_seeds']))})" if c["rerun"] else "no")
+            done = ", ".join(map(str, c["rerun_seeds"]))
+            rerun = (f"yes (seeds rerun: {done or 'none yet'})" if c["rerun"] else "no")
             lines.append(f"| {arm_label(arm)} | {knobs} | {c['dev_mean']:.3f} ± {c['dev_sd']:.3f} | {best} | "
                          f"{found_knobs} | {rerun} |")
         lines.append("")
