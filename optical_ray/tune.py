@@ -182,13 +182,14 @@ def trial_row(name: str, params: dict, metrics: dict, error: Exception | str | N
     }
 
 
-def read_trial_log(cfg: SweepConfig, uri: str) -> dict[str, dict]:
+def read_trial_log(cfg: SweepConfig | None, uri: str) -> dict[str, dict]:
     """The finished trials of the trial log at ``uri`` by :func:`trial_key` ({} when there is none);
-    refused when the log is of a sweep with other terms (its trials are not this sweep's draws)."""
+    with ``cfg``, refused when the log is of a sweep with other terms (its trials are not its draws)."""
     if not storage.exists(uri):
         return {}
     contents = json.loads(storage.read_bytes(uri))
-    refuse_changed_terms(contents["terms"], cfg, f"the trial log {uri}")
+    if cfg is not None:
+        refuse_changed_terms(contents["terms"], cfg, f"the trial log {uri}")
     return {key: trial for key, trial in contents["trials"].items() if "row" in trial}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..config import TASK_TRAINED, ExperimentConfig
 from ..teacher import report_markdown as teacher_report_markdown
+from ..tune import read_trial_log
 from .plan import ARMS, TRIAL_LOGS
 from .stats import (
     choice_comparison,
@@ -147,7 +148,7 @@ def run_status(cfg: ExperimentConfig, untrained: list[dict], runs: dict, choice:
         checked = sum(len(t.checks) for t in runs.values())
         if checked < trained_arms:
             logs = sorted((Path(cfg.results_dir) / TRIAL_LOGS).glob("check-*.json"))
-            logged = sum("row" in t for log in logs for t in json.loads(log.read_text())["trials"].values())
+            logged = sum(len(read_trial_log(None, str(log))) for log in logs)
             cut_short = f"; check sweeps cut short: {len(logs)}, their finished trials logged: {logged}" if logs else ""
             pending.append(f"the tuning check ({checked} of {trained_arms} arms{cut_short})")
     if cfg.curve:
