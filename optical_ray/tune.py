@@ -221,9 +221,11 @@ class TrialLog(tune.Callback):
             row=trial_row(Path(trial.path).name, trial.config, trial.last_result, None)))
 
 
-def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True, trial_log: str | None = None) -> tune.Tuner:
+def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True, trial_log: str | None = None,
+               logged: dict[str, dict] | None = None) -> tune.Tuner:
     """The sweep's Tuner, restored from its storage with ``resume`` where it can be; ``trial_log``: the
-    trial log to replay logged trials from and to log finished ones to (module docstring)."""
+    trial log to log finished trials to, ``logged``: its finished trials (:func:`read_trial_log`), whose
+    reports are replayed to the scheduler instead of training them again (module docstring)."""
     check(cfg)
     filesystem, path = storage.resolve(cfg.storage_path)
     resources = {"CPU": cfg.cpus_per_trial, **({"GPU": cfg.gpus_per_trial} if cfg.gpus_per_trial else {}),
@@ -242,9 +244,8 @@ def make_tuner(cfg: SweepConfig, resume: bool = False, verbose: bool = True, tri
                                   reduction_factor=cfg.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    logged = read_trial_log(cfg, trial_log) if trial_log else {}
     param_space = {"distill": to_dict(with_absolute_paths(cfg.distill)), "objective": cfg.objective, "cpus": cfg.cpus_per_trial,
-                   "replay": {key: trial["reports"] for key, trial in logged.items()}, **search_space(cfg)}
+                   "replay": {key: trial["reports"] for key, trial in (logged or {}).items()}, **search_space(cfg)}
     callbacks = [] if verbose else [TrialProgress(cfg.num_samples)]
     if trial_log:
         callbacks.append(TrialLog(cfg, trial_log))
@@ -299,7 +300,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, tria
     """Run (or resume) the sweep on the connected Ray cluster and write its results. ``trial_log``: a
     local path or s3:// URI of the sweep's trial log (module docstring)."""
     logged = read_trial_log(cfg, trial_log) if trial_log else {}  # before this start logs its own
-    results = make_tuner(cfg, resume, verbose, trial_log).fit()
+    results = make_tuner(cfg, resume, verbose, trial_log, logged).fit()
     rows = []
     for result in results:
         params = result.config or {}
