@@ -551,8 +551,28 @@ def test_keys_per_client_are_reloaded_without_restart_and_rate_limited(service, 
 
 @pytest.mark.timeout(300)
 def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster):
+    """A client that goes away takes its work with it: each abandoned request is counted as cancelled,
+    and the secure app's encoder stops short of the queries nobody waits for any more."""
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
     heavy = heavy_request(64, 4)
+
+    def settled(read) -> float:
+        # Ray exports metrics every 10 s: a value is taken once two reads further apart agree.
+        last = read()
+        for _ in range(10):
+            time.sleep(11)
+            if (value := read()) == last:
+                return value
+            last = value
+        raise AssertionError(f"the metric kept moving: {last:g}")
+
+    def encoded() -> float:
+        return sum(metric(ray_cluster, "optical_ray_encode_batch_size_sum", application="secure"))
+
+    def cancelled() -> float:
+        return sum(metric(ray_cluster, "optical_ray_search_requests", application="secure", outcome="cancelled"))
+
+    before, cancelled_before = settled(encoded), settled(cancelled)
 
     async def abandon():
         async with httpx.AsyncClient(timeout=0.5, headers=key) as client:
@@ -564,13 +584,10 @@ def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster)
     assert all(isinstance(o, httpx.TimeoutException) for o in outcomes), outcomes
     wait_until(lambda: secure_status(service)["in_flight"] == 0, 60,
                lambda: f"{secure_status(service)['in_flight']} abandoned requests still in progress", every=0.5)
-
-    def cancelled() -> float:
-        text = httpx.get(ray_cluster["metrics"], timeout=10).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("ray_optical_ray_search_requests") and 'outcome="cancelled"' in line)
-
-    wait_until(lambda: cancelled() >= 1, 90, "no request was recorded as cancelled", every=3)
+    wait_until(lambda: cancelled() - cancelled_before >= 4, 90,
+               lambda: f"{cancelled() - cancelled_before:g} of 4 abandoned requests recorded as cancelled", every=3)
+    computed = settled(encoded) - before
+    assert computed < 4 * 64, f"all {computed:g} queries of the abandoned requests were encoded for nobody"
 
 
 def store_bad_indexes(indexes: dict, bucket: str) -> dict:
