@@ -49,7 +49,7 @@ def serve_config(port: int, index_uri: str, keys_file: str) -> dict:
     """serve/config.yaml with test sizes: small CPU shares, short autoscaling delays, plus a second
     application that requires a client's key (from ``keys_file``)."""
     config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["http_options"].update(host="127.0.0.1", port=port)  # the shipped timeouts stay
     app = config["applications"][0]
     app["args"]["index_uri"] = index_uri
     app["args"]["auth"] = "none"  # open on purpose (and said so): the tests of the key use "secure"
@@ -272,6 +272,9 @@ def test_every_error_is_json_and_bounded(service):
 def test_a_request_past_its_timeout_gets_408_as_documented(service):
     """Serve's proxy ends a request after http_options.request_timeout_s, or a client's shorter
     x-request-timeout-seconds (used here to make it fast), with the 408 the schema documents."""
+    shipped = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["http_options"]["request_timeout_s"]
+    running = httpx.get(f"{service['dashboard']}/api/serve/applications/", timeout=30).json()["http_options"]
+    assert running["request_timeout_s"] == shipped  # the deployed proxy runs with serve/config.yaml's timeout
     response = httpx.post(f"{service['url']}/search", json=heavy_request(64, 8), headers={"x-request-timeout-seconds": "0.05"},
                           timeout=60)
     assert response.status_code == 408 and "timed out" in response.text
