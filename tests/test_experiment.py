@@ -693,6 +693,50 @@ def test_the_tuning_check_is_reported_with_its_verdict_and_the_reruns_change():
     assert "| lr 0.00021 | yes (seeds rerun: none yet) |" in "\n".join(tuning_check_markdown(results))
 
 
+def test_the_answer_is_restated_at_the_knobs_each_arm_has_after_the_tuning_check(tmp_path):
+    """MSE rerun with the check's knobs (both seeds), contrastive kept its first knobs (no rerun), OT's
+    reruns still running: the restated answer uses MSE's reruns and contrastive's first runs, leaves OT out,
+    and its rows are the gaps by hand, at both knobs."""
+    from optical_ray.config import TestSet
+    from optical_ray.research.report import tuned_answer, tuned_markdown
+    from optical_ray.research.runner import Teacher, TestData
+    from optical_ray.research.stats import families, summarize_test
+
+    cfg = experiment_config(tmp_path, arms=["none", "mse", "ot", "contrastive"], seeds=[0, 1], bootstrap=200)
+    spec = TestSet(name="t", query_langs=["de", "qu"], groups={"high": ["de"], "low": ["qu"]}, gaps={"low": ["high", "low"]})
+    images = np.array([f"i{k}" for k in range(20)])
+    test = TestData(spec, captions=None, query_images={"de": images, "qu": images})
+
+    def record(arm, seed, de, qu):  # de, qu: how many of the 20 queries are found first
+        hits = lambda n: pack_ranks(np.where(np.arange(20) < n, 1.0, 2.0))
+        return {"arm": arm, "seed": seed, "teacher": "t", "tests": {"t": {"de": hits(de), "qu": hits(qu)}}}
+
+    untrained = [record("none", None, 16, 4)]                                         # gap 0.60
+    teacher = Teacher("t", records=[record(arm, seed, 16, qu) for arm, qu in (("mse", 8), ("ot", 8), ("contrastive", 10))
+                                    for seed in (0, 1)])                                # gaps 0.40, 0.40, 0.30
+    check = {"params": {"lr": 2e-4}, "trials": 8, "dev_mean": 0.4, "dev_sd": 0.01, "best": 0.5}
+    teacher.checks = {"mse": {**check, "rerun": True, "records": [record("mse", 0, 16, 12), record("mse", 1, 16, 11)]},
+                      "contrastive": {**check, "rerun": False, "records": []},
+                      "ot": {**check, "rerun": True, "records": [record("ot", 0, 16, 14)]}}
+    tuned = tuned_answer(cfg, [test], untrained, {"t": teacher})
+    assert tuned["knobs"] == {"mse": "check", "contrastive": "first"} and tuned["pending"] == ["ot"]
+    arms = tuned["tests"]["t"]["arms"]
+    assert list(arms) == ["none", "mse", "contrastive"]
+    assert arms["mse"]["gaps"]["low"]["abs"]["value"] == pytest.approx(0.8 - 0.575)  # the reruns' qu: 12, 11 of 20
+    assert arms["contrastive"]["gaps"]["low"]["abs"]["value"] == pytest.approx(0.3)
+
+    first = {"teacher": "t", "tests": {"t": {"protocol": "translation", "gaps": spec.gaps,
+                                             "arms": summarize_test(test, untrained + teacher.records, cfg.arms, 200)["arms"]}}}
+    text = "\n".join(tuned_markdown({**first, "tuned": tuned}))
+    row = next(line for line in text.splitlines() if line.startswith("| low | (1) MSE − (0) none |"))
+    assert row.split(" | ")[2].startswith("-0.200 [") and row.split(" | ")[3].startswith("-0.375 [")
+    assert row.endswith("| yes: narrows |")
+    assert "Not in yet (check or reruns to come): (2) OT." in text
+    assert "vs_none@check/t" in families({**first, "tuned": tuned})
+    teacher.checks["mse"]["records"].pop()
+    assert tuned_answer(cfg, [test], untrained, {"t": teacher}) == {}  # no arm fully rerun: the answer above
+
+
 def test_image_pivot_pairs_are_compared_with_translation_pairs_per_language_group():
     """Arm (6) minus arm (4), mean R@1 per group, by hand: two seeds each; the interval holds the change."""
     from optical_ray.config import TestSet

@@ -14,6 +14,7 @@ from ..teacher import report_markdown as teacher_report_markdown
 from ..tune import read_trial_log
 from .plan import ARMS, TRIAL_LOGS
 from .stats import (
+    TUNED,
     choice_comparison,
     clear,
     compare_teachers,
@@ -84,6 +85,8 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
                              for arm, check in teacher.checks.items()} for teacher in runs.values() if teacher.checks}
     if checks:
         results["tuning_check"] = checks
+    if tuned := tuned_answer(cfg, tests, untrained, runs):
+        results["tuned"] = tuned
     results["multiplicity"] = families(results)
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,6 +107,30 @@ def tuning_check_summary(tests, teacher, arm: str, check: dict, n_resamples: int
         summary["vs_chosen_knobs"] = {t.spec.name: compare_teachers(t, original, check["records"], [arm], n_resamples)
                                       .get(arm, {}) for t in tests}
     return summary
+
+
+def tuned_answer(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dict) -> dict:
+    """The answer's test summaries again at the best knobs each arm has, under the teacher the tuning
+    check ran under: an arm's reruns with the check's knobs where the check called for them (once every
+    seed is rerun), its first runs where it did not. Arms whose check or reruns are still to come are
+    left out (``pending``); {} until some arm has been rerun (until then it is the answer above)."""
+    checked = next((teacher for teacher in runs.values() if teacher.checks), None)
+    if checked is None:
+        return {}
+    records, knobs = list(untrained), {}
+    for arm, check in checked.checks.items():
+        if not check["rerun"]:
+            records += [r for r in checked.records if r["arm"] == arm]
+            knobs[arm] = "first"
+        elif len(check["records"]) == len(cfg.seeds):
+            records += check["records"]
+            knobs[arm] = "check"
+    if "check" not in knobs.values():
+        return {}
+    arms = [arm for arm in cfg.arms if arm == "none" or arm in knobs]
+    return {"teacher": checked.name, "knobs": knobs,
+            "pending": [arm for arm in cfg.arms if arm not in arms],
+            "tests": {t.spec.name: summarize_test(t, records, arms, cfg.bootstrap) for t in tests}}
 
 
 def machines(records: list[dict]) -> dict:
@@ -229,10 +256,9 @@ def ot_over_contrastive(name: str, arms: dict, teacher: str | None = None) -> li
     if "ot+contrastive" not in arms or "contrastive" not in arms:
         return []
     adds = []
-    for gap, entry in arms["ot+contrastive"]["gaps"].items():
-        diff = entry["abs"]["value"] - arms["contrastive"]["gaps"][gap]["abs"]["value"]
-        lo, hi = entry["abs"]["diff_ci95"]["contrastive"]
-        adds.append(f"`{gap}` {diff:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+    for gap in arms["ot+contrastive"]["gaps"]:
+        diff, interval = change_of(arms, "ot+contrastive", "contrastive", gap)
+        adds.append(f"`{gap}` {diff:+.3f} {fmt_interval(interval)}")
     under = f", {teacher}" if teacher else ""
     line = (f"  - OT added to contrastive ({name}{under}): gap change {', '.join(adds)} "
             "(negative: OT narrows it further; an interval containing 0: no measurable effect).")
@@ -288,7 +314,7 @@ def results_markdown(results: dict, cfg: ExperimentConfig) -> str:
                              f"{r['value']:.2f} {fmt_interval(r['ci95'], sign=False, digits=2)} | {vs_r} |")
         lines.append("")
     lines += teacher_markdown(results) + pivot_markdown(results) + tuning_check_markdown(results) + \
-        curves_markdown(results) + length_markdown(results, cfg)
+        tuned_markdown(results) + curves_markdown(results) + length_markdown(results, cfg)
     lines += ["## Plots", "", "![R@1 by language and arm](r1_by_arm.png)", "", "![Gaps by arm](gap_by_arm.png)", "",
               "## Reproduce", "", "```bash", "optical-ray experiment --config configs/experiment.yaml", "```", "",
               ("Finished runs are recorded in `runs/` (one JSON per arm and seed, keyed by a hash of its effective "
@@ -355,6 +381,11 @@ FAMILY_TITLES = {"vs_none": "every arm vs no distillation", "ot_added": "OT adde
                  "ot_contrastive_vs_mse": "OT + contrastive vs MSE", "teacher": "the chosen teacher vs the baseline, per arm"}
 
 
+def family_title(kind: str) -> str:
+    title = FAMILY_TITLES[kind.removesuffix(TUNED)]
+    return f"{title}, at the tuning check's knobs" if kind.endswith(TUNED) else title
+
+
 def multiplicity_markdown(results: dict) -> list[str]:
     """Which conclusions survive seed variance and Holm's correction, family by family."""
     found = results.get("multiplicity", {})
@@ -373,7 +404,7 @@ def multiplicity_markdown(results: dict) -> list[str]:
         kind, _, teacher = name.partition("/")
         label = teacher_label(results, teacher) if teacher else teacher_label(results, results["chosen_teacher"]["teacher"])
         counts = [sum(c[f"clear_{level}"] != "unclear" for c in family) for level in ("images", "seeds", "holm")]
-        lines.append(f"| {FAMILY_TITLES[kind]} | {label} | {len(family)} | " + " | ".join(map(str, counts)) + " |")
+        lines.append(f"| {family_title(kind)} | {label} | {len(family)} | " + " | ".join(map(str, counts)) + " |")
     lines.append("")
     changed = [(name, c) for name, family in found.items() for c in family if c["clear_images"] != c["clear_holm"]]
     if changed:
@@ -502,6 +533,53 @@ def curves_markdown(results: dict) -> list[str]:
 VERDICT = {"smaller": "narrows", "larger": "widens", "unclear": "no clear change"}
 
 
+def holds(before: list[float], after: list[float]) -> str:
+    """Whether a conclusion holds in two settings: both 95% intervals exclude 0 on the same side."""
+    first, second = clear(before), clear(after)
+    return (f"yes: {VERDICT[first]}" if first == second != "unclear" else
+            "neither clear" if first == second else f"no: {VERDICT[first]} → {VERDICT[second]}")
+
+
+def change_of(arms: dict, arm: str, against: str, gap: str) -> tuple[float, list[float]]:
+    """``arm``'s absolute gap minus ``against``'s in one test summary, and the interval of that change."""
+    entry = arms[arm]["gaps"][gap]["abs"]
+    return entry["value"] - arms[against]["gaps"][gap]["abs"]["value"], entry["diff_ci95"][against]
+
+
+KNOBS_USED = {"check": "the check's (rerun)", "first": "its first (the check found no better)"}
+
+
+def tuned_markdown(results: dict) -> list[str]:
+    """The answer's comparisons at each arm's first knobs and at the tuning check's, and whether each
+    holds at both."""
+    tuned = results.get("tuned")
+    if not tuned:
+        return []
+    first = results["chosen_teacher"] if results.get("chosen_teacher", {}).get("teacher") == tuned["teacher"] else results
+    knobs = "; ".join(f"{arm_label(arm)}: {KNOBS_USED[k]}" for arm, k in tuned["knobs"].items())
+    lines = ["## The answer at the tuning check's knobs", "",
+             (f"Each change of an absolute gap that the answer states, under the {teacher_label(results, tuned['teacher'])} "
+              "teacher: with every arm's first knobs (the equal sweeps above) and with the best knobs each arm "
+              f"has after the tuning check ({knobs}). Intervals over images and seeds. A conclusion holds at both "
+              "when both intervals exclude 0 on the same side. Negative: the first arm's gap is smaller.")]
+    if tuned["pending"]:
+        lines += ["", "Not in yet (check or reruns to come): " + ", ".join(arm_label(a) for a in tuned["pending"]) + "."]
+    lines.append("")
+    for name, test in tuned["tests"].items():
+        arms, before = test["arms"], first["tests"][name]["arms"]
+        rows = []
+        for arm, against in comparisons(arms):
+            for gap in test["gaps"]:
+                (was, was_ci), (now, now_ci) = change_of(before, arm, against, gap), change_of(arms, arm, against, gap)
+                rows.append(f"| {gap} | {arm_label(arm)} − {arm_label(against)} | {was:+.3f} {fmt_interval(was_ci)} | "
+                            f"{now:+.3f} {fmt_interval(now_ci)} | {holds(was_ci, now_ci)} |")
+        if rows:
+            lines += [f"### {name} ({test['protocol']})", "",
+                      "| gap | change | first knobs | check's knobs | holds at both |", "|---|---|---|---|---|",
+                      *rows, ""]
+    return lines
+
+
 def length_markdown(results: dict, cfg: ExperimentConfig) -> list[str]:
     """The answer's comparisons at the arms' length and at the curves' length, and whether each holds at both."""
     found = results.get("at_curve_length", {})
@@ -527,14 +605,9 @@ def length_markdown(results: dict, cfg: ExperimentConfig) -> list[str]:
                 if f"{arm}/{against}" not in changes:
                     continue
                 long = changes[f"{arm}/{against}"]
-                entry = arms[arm]["gaps"][gap]["abs"]
-                interval = entry["diff_ci95"][against]
-                change = entry["value"] - arms[against]["gaps"][gap]["abs"]["value"]
-                before, after = clear(interval), clear(long["ci95"])
-                holds = (f"yes: {VERDICT[before]}" if before == after != "unclear" else
-                         "neither clear" if before == after else f"no: {VERDICT[before]} → {VERDICT[after]}")
+                change, interval = change_of(arms, arm, against, gap)
                 lines.append(f"| {gap} | {arm_label(arm)} − {arm_label(against)} | {change:+.3f} {fmt_interval(interval)} | "
-                             f"{long['change']:+.3f} {fmt_interval(long['ci95'])} | {holds} |")
+                             f"{long['change']:+.3f} {fmt_interval(long['ci95'])} | {holds(interval, long['ci95'])} |")
         lines.append("")
     return lines
 

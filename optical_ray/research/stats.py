@@ -25,6 +25,7 @@ from ..metrics import unpack_ranks
 
 GAP_KINDS = {"abs": metrics.resource_gap, "rel": metrics.relative_error_gap}
 ALPHA = 0.05  # the family-wise error rate Holm's correction holds
+TUNED = "@check"  # the suffix of a family at the tuning check's knobs (results["tuned"])
 
 
 @dataclass
@@ -253,20 +254,23 @@ def clear(interval: list[float]) -> str:
 def families(results: dict) -> dict[str, list[dict]]:
     """Every reported change of an absolute gap, grouped into the families the report draws its
     conclusions from, with Holm's correction (statsmodels) within each family: per teacher, every arm
-    against no distillation (``vs_none``) and each of :data:`ARM_COMPARISONS` (named there); and each
-    arm under the chosen teacher against the baseline teacher (``teacher``). Each change says whether
+    against no distillation (``vs_none``) and each of :data:`ARM_COMPARISONS` (named there), and the same
+    again at the tuning check's knobs (the kind suffixed with :data:`TUNED`); and each arm under the
+    chosen teacher against the baseline teacher (``teacher``). Each change says whether
     its interval excludes 0 over images alone, over images and seeds, and after Holm."""
     out: dict[str, list[dict]] = {}
-    parts = [(results["teacher"], results)]
+    parts = [(results["teacher"], results, "")]
     if "chosen_teacher" in results:
-        parts.append((results["chosen_teacher"]["teacher"], results["chosen_teacher"]))
-    for teacher, part in parts:
-        kinds = ["vs_none", *ARM_COMPARISONS.values()]
+        parts.append((results["chosen_teacher"]["teacher"], results["chosen_teacher"], ""))
+    if "tuned" in results:
+        parts.append((results["tuned"]["teacher"], results["tuned"], TUNED))
+    for teacher, part, knobs in parts:
+        kinds = [f"{kind}{knobs}" for kind in ("vs_none", *ARM_COMPARISONS.values())]
         found: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for name, test in part["tests"].items():
             arms = test["arms"]
             for arm, against in comparisons(arms):
-                kind = "vs_none" if against == "none" else ARM_COMPARISONS[(arm, against)]
+                kind = ("vs_none" if against == "none" else ARM_COMPARISONS[(arm, against)]) + knobs
                 for gap, entry in arms[arm]["gaps"].items():
                     g = entry["abs"]
                     if against in g["diff_p"]:
