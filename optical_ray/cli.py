@@ -109,6 +109,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print("no trial completed every step: no best.yaml")
     else:
         print("best: " + " ".join(f"{k}={v:.4g}" for k, v in result.best_params.items()))
+        for knob, end in result.at_edge.items():
+            print(f"the best {knob} is at the {end} end of search.{knob} {getattr(cfg.search, knob)}: "
+                  "better values may lie beyond it; widen the range and sweep again")
 
 
 def cmd_index(args: argparse.Namespace) -> None:

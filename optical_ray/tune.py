@@ -44,7 +44,7 @@ from ray.tune.search import BasicVariantGenerator
 from tqdm.auto import tqdm
 
 from . import checkpoints, data, storage
-from .config import ConfigError, DistillConfig, SweepConfig, load_config, to_dict, with_absolute_paths
+from .config import ConfigError, DistillConfig, SearchSpace, SweepConfig, load_config, to_dict, with_absolute_paths
 from .distill import DEV_MEASURES, dev_measure, fit
 from .ot import MIN_REG
 
@@ -76,6 +76,22 @@ def search_space(cfg: SweepConfig) -> dict:
     if not space:
         raise ConfigError("search: no knob to sweep (every range is empty)")
     return space
+
+
+EDGE = 0.1  # the outer tenth of a range (log scale): a best value there may lie beyond the range
+
+
+def range_edges(params: dict, search: SearchSpace) -> dict[str, str]:
+    """The knobs of ``params`` whose value lies in the outer tenth (log scale) of their searched range,
+    each "low" or "high": a best trial there says the range may have cut the search short."""
+    edges = {}
+    for name, value in params.items():
+        bounds = getattr(search, name, None)
+        if bounds and bounds[0] < bounds[1]:
+            where = math.log(value / bounds[0]) / math.log(bounds[1] / bounds[0])
+            if where < EDGE or where > 1 - EDGE:
+                edges[name] = "low" if where < EDGE else "high"
+    return edges
 
 
 def trial_config(base: dict, params: dict) -> DistillConfig:
@@ -294,6 +310,7 @@ class SweepResult:
     trial_steps: int  # training steps spent over all trials
     best_params: dict = field(default_factory=dict)  # the winning trial's knob values
     replayed: int = 0  # trials taken from the trial log, trained by an earlier start of the sweep
+    at_edge: dict[str, str] = field(default_factory=dict)  # best knobs near an end of their range (range_edges)
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, trial_log: str | None = None) -> SweepResult:
@@ -317,7 +334,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, verbose: bool = True, tria
         best = trial_config(to_dict(cfg.distill), best_params)
     write_results(cfg, trials, best)
     return SweepResult(trials=trials, best=best, trial_steps=sum(r["steps"] for r in rows), best_params=best_params,
-                       replayed=replayed)
+                       replayed=replayed, at_edge=range_edges(best_params, cfg.search))
 
 
 def trials_table(rows: list[dict]) -> pa.Table:

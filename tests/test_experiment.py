@@ -682,14 +682,16 @@ def test_the_tuning_check_is_reported_with_its_verdict_and_the_reruns_change():
 
     results = {"tuning_check": {"student-init": {"mse": {
         "chosen": {"lr": 3.37e-5}, "params": {"lr": 2.1e-4}, "trials": 8, "dev_mean": 0.41, "dev_sd": 0.014,
+        "at_edge": {"lr": {"end": "high", "range": [1e-5, 2.5e-4]}},
         "best": 0.45, "rerun": True, "rerun_seeds": [0, 1],
         "vs_chosen_knobs": {"test_2018_flickr": {"trained_low": {"baseline": 0.692, "other": 0.650,
                                                                  "change_ci95": [-0.06, -0.02]}}}}}}}
     text = "\n".join(tuning_check_markdown(results))
-    assert "| (1) MSE | lr 3.37e-05 | 0.410 ± 0.014 | 0.450 (8 trials) | lr 0.00021 | yes (seeds rerun: 0, 1) |" in text
+    assert ("| (1) MSE | lr 3.37e-05 | 0.410 ± 0.014 | 0.450 (8 trials) | lr 0.00021 (lr at the high end of "
+            "[1e-05, 0.00025]) | yes (seeds rerun: 0, 1) |") in text
     assert "(1) MSE rerun with the check's knobs, test_2018_flickr: `trained_low` 0.692 → 0.650 [-0.060, -0.020]" in text
     assert tuning_check_markdown({}) == []
-    results["tuning_check"]["student-init"]["mse"].update(rerun_seeds=[], vs_chosen_knobs={})
+    results["tuning_check"]["student-init"]["mse"].update(rerun_seeds=[], vs_chosen_knobs={}, at_edge={})
     assert "| lr 0.00021 | yes (seeds rerun: none yet) |" in "\n".join(tuning_check_markdown(results))
 
 

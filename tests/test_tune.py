@@ -143,3 +143,13 @@ def test_a_trial_that_errored_first_leaves_the_other_trials_dev_metrics_in_the_t
     table = trials_table([failed, finished]).to_pylist()
     assert table[0]["error"] == "out of memory" and table[0]["objective"] is None
     assert table[1]["objective"] == 0.5 and table[1]["dev_r1_de"] == 0.7 and table[1]["steps"] == 200
+
+
+def test_a_best_value_in_the_outer_tenth_of_its_log_range_is_named_with_its_end():
+    from optical_ray.config import SearchSpace
+    from optical_ray.tune import range_edges
+
+    search = SearchSpace(lr=[1e-5, 1e-3], sinkhorn_reg=[0.01, 1.0], temperature=[0.05, 0.05])
+    # lr 8e-4: log position 0.95 of [1e-5, 1e-3]; sinkhorn_reg 0.0125: 0.048; temperature: fixed, never an edge
+    assert range_edges({"lr": 8e-4, "sinkhorn_reg": 0.0125, "temperature": 0.05}, search) == {"lr": "high", "sinkhorn_reg": "low"}
+    assert range_edges({"lr": 1e-4, "sinkhorn_reg": 0.1}, search) == {}  # the middles of both ranges

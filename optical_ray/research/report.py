@@ -11,8 +11,8 @@ import numpy as np
 
 from ..config import TASK_TRAINED, ExperimentConfig
 from ..teacher import report_markdown as teacher_report_markdown
-from ..tune import read_trial_log
-from .plan import ARMS, TRIAL_LOGS
+from ..tune import range_edges, read_trial_log
+from .plan import ARMS, TRIAL_LOGS, check_sweep_config
 from .stats import (
     TUNED,
     choice_comparison,
@@ -81,7 +81,7 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
              for teacher in runs.values()}
     if any(pivot.values()):
         results["pivot_vs_translation"] = {name: tests_ for name, tests_ in pivot.items() if tests_}
-    checks = {teacher.name: {arm: tuning_check_summary(tests, teacher, arm, check, cfg.bootstrap)
+    checks = {teacher.name: {arm: tuning_check_summary(cfg, tests, teacher, arm, check)
                              for arm, check in teacher.checks.items()} for teacher in runs.values() if teacher.checks}
     if checks:
         results["tuning_check"] = checks
@@ -96,15 +96,19 @@ def write_results(cfg: ExperimentConfig, tests, untrained: list[dict], runs: dic
     return results
 
 
-def tuning_check_summary(tests, teacher, arm: str, check: dict, n_resamples: int) -> dict:
+def tuning_check_summary(cfg: ExperimentConfig, tests, teacher, arm: str, check: dict) -> dict:
     """One arm's tuning check: its knobs and dev objective (seed mean, sd) against the check's best
-    trial and knobs, and, when it was rerun with them, every gap's change (rerun - original)."""
+    trial and knobs (and which of those lie near an end of the check's range), and, when it was rerun
+    with them, every gap's change (rerun - original)."""
     original = [r for r in teacher.records if r["arm"] == arm]
+    search = check_sweep_config(cfg, arm, teacher.name).search
     summary = {"chosen": teacher.sweeps.get(arm, {}).get("params", {}),
                **{k: check[k] for k in ("params", "trials", "dev_mean", "dev_sd", "best", "rerun")},
+               "at_edge": {knob: {"end": end, "range": getattr(search, knob)}
+                           for knob, end in range_edges(check["params"], search).items()},
                "rerun_seeds": [r["seed"] for r in check["records"]]}
     if check["records"]:
-        summary["vs_chosen_knobs"] = {t.spec.name: compare_teachers(t, original, check["records"], [arm], n_resamples)
+        summary["vs_chosen_knobs"] = {t.spec.name: compare_teachers(t, original, check["records"], [arm], cfg.bootstrap)
                                       .get(arm, {}) for t in tests}
     return summary
 
@@ -353,7 +357,8 @@ def tuning_check_markdown(results: dict) -> list[str]:
     lines = ["## Tuning check", "",
              ("Each arm swept again under the teacher below with a searcher seed of its own, one lr range for "
               "every arm and more trials; an arm whose best trial beats its runs' dev objective by more than "
-              "their seed sd ran its seeds again with the new knobs."), ""]
+              "their seed sd ran its seeds again with the new knobs. A knob whose best value lies in the outer tenth "
+              "(log scale) of the check's range is marked: better values may lie beyond it."), ""]
     for teacher, arms in found.items():
         lines += [f"Teacher {teacher_label(results, teacher)}:", "",
                   "| arm | knobs | dev objective (seed mean ± sd) | check: best trial | check's knobs | rerun |",
@@ -361,6 +366,8 @@ def tuning_check_markdown(results: dict) -> list[str]:
         for arm, c in arms.items():
             knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["chosen"].items()) or "—"
             found_knobs = ", ".join(f"{k} {v:.3g}" for k, v in c["params"].items()) or "—"
+            found_knobs += "".join(f" ({knob} at the {e['end']} end of [{e['range'][0]:.3g}, {e['range'][1]:.3g}])"
+                                   for knob, e in c.get("at_edge", {}).items())
             best = f"{c['best']:.3f} ({c['trials']} trials)" if c["best"] is not None else "none finished"
             done = ", ".join(map(str, c["rerun_seeds"]))
             rerun = (f"yes (seeds rerun: {done or 'none yet'})" if c["rerun"] else "no")
