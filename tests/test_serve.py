@@ -559,7 +559,7 @@ def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster)
     url, key = f"{service['url']}/secure", {"X-API-Key": API_KEY}
     heavy = heavy_request(64, 4)
 
-    def settled(read) -> float:
+    def settled(read):
         # Ray exports metrics every 10 s: a value is taken once two reads further apart agree.
         last = read()
         for _ in range(10):
@@ -567,7 +567,7 @@ def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster)
             if (value := read()) == last:
                 return value
             last = value
-        raise AssertionError(f"the metric kept moving: {last:g}")
+        raise AssertionError(f"the metrics kept moving: {last}")
 
     def encoded() -> float:
         return sum(metric(ray_cluster, "optical_ray_encode_batch_size_sum", application="secure"))
@@ -575,7 +575,7 @@ def test_requests_abandoned_by_their_clients_are_cancelled(service, ray_cluster)
     def cancelled() -> float:
         return sum(metric(ray_cluster, "optical_ray_search_requests", application="secure", outcome="cancelled"))
 
-    before, cancelled_before = settled(encoded), settled(cancelled)
+    before, cancelled_before = settled(lambda: (encoded(), cancelled()))
 
     async def abandon():
         async with httpx.AsyncClient(timeout=0.5, headers=key) as client:
