@@ -700,7 +700,7 @@ def test_the_answer_is_restated_at_the_knobs_each_arm_has_after_the_tuning_check
     reruns still running: the restated answer uses MSE's reruns and contrastive's first runs, leaves OT out,
     and its rows are the gaps by hand, at both knobs."""
     from optical_ray.config import TestSet
-    from optical_ray.research.report import tuned_answer, tuned_markdown
+    from optical_ray.research.report import multiplicity_markdown, tuned_answer, tuned_markdown
     from optical_ray.research.runner import Teacher, TestData
     from optical_ray.research.stats import families, summarize_test
 
@@ -734,7 +734,9 @@ def test_the_answer_is_restated_at_the_knobs_each_arm_has_after_the_tuning_check
     assert row.split(" | ")[2].startswith("-0.200 [") and row.split(" | ")[3].startswith("-0.375 [")
     assert row.endswith("| yes: narrows |")
     assert "Not in yet (check or reruns to come): (2) OT." in text
-    assert "vs_none@check/t" in families({**first, "tuned": tuned})
+    found = families({**first, "tuned": tuned})
+    table = "\n".join(multiplicity_markdown({**first, "tuned": tuned, "multiplicity": found}))
+    assert "| every arm vs no distillation, at the tuning check's knobs | `t` | 2 |" in table
     teacher.checks["mse"]["records"].pop()
     assert tuned_answer(cfg, [test], untrained, {"t": teacher}) == {}  # no arm fully rerun: the answer above
 

@@ -420,7 +420,8 @@ def multiplicity_markdown(results: dict) -> list[str]:
             kind, _, teacher = name.partition("/")
             who = f"{arm_label(c['arm'])} vs {arm_label(c['against'])}" if kind != "teacher" else \
                 f"{arm_label(c['arm'])}, {teacher_label(results, results['chosen_teacher']['teacher'])} vs `{c['against']}`"
-            under = f" ({teacher_label(results, teacher)} teacher)" if teacher else ""
+            knobs = ", the check's knobs" if kind.endswith(TUNED) else ""
+            under = f" ({teacher_label(results, teacher)} teacher{knobs})" if teacher else ""
             lines.append(f"- {c['test']} `{c['gap']}`, {who}{under}: {c['change']:+.3f}; "
                          f"{c['clear_images']} {fmt_interval(c['ci95_images'])} → {c['clear_seeds']} "
                          f"{fmt_interval(c['ci95'])} → {c['clear_holm']} (Holm p {c['p_holm']:.3f})")
