@@ -89,8 +89,10 @@ def range_edges(params: dict, search: SearchSpace) -> dict[str, str]:
         bounds = getattr(search, name, None)
         if bounds and bounds[0] < bounds[1]:
             where = math.log(value / bounds[0]) / math.log(bounds[1] / bounds[0])
-            if where < EDGE or where > 1 - EDGE:
-                edges[name] = "low" if where < EDGE else "high"
+            if where < EDGE:
+                edges[name] = "low"
+            elif where > 1 - EDGE:
+                edges[name] = "high"
     return edges
 
 

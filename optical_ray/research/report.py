@@ -554,6 +554,12 @@ def change_of(arms: dict, arm: str, against: str, gap: str) -> tuple[float, list
     return entry["value"] - arms[against]["gaps"][gap]["abs"]["value"], entry["diff_ci95"][against]
 
 
+def teacher_part(results: dict, teacher: str) -> dict:
+    """The part of ``results`` that summarizes ``teacher``'s runs: the chosen teacher's, else the baseline's."""
+    chosen = results.get("chosen_teacher", {})
+    return chosen if chosen.get("teacher") == teacher else results
+
+
 KNOBS_USED = {"check": "the check's (rerun)", "first": "its first (the check found no better)"}
 
 
@@ -563,7 +569,7 @@ def tuned_markdown(results: dict) -> list[str]:
     tuned = results.get("tuned")
     if not tuned:
         return []
-    first = results["chosen_teacher"] if results.get("chosen_teacher", {}).get("teacher") == tuned["teacher"] else results
+    first = teacher_part(results, tuned["teacher"])
     knobs = "; ".join(f"{arm_label(arm)}: {KNOBS_USED[k]}" for arm, k in tuned["knobs"].items())
     lines = ["## The answer at the tuning check's knobs", "",
              (f"Each change of an absolute gap that the answer states, under the {teacher_label(results, tuned['teacher'])} "
@@ -593,8 +599,7 @@ def length_markdown(results: dict, cfg: ExperimentConfig) -> list[str]:
     found = results.get("at_curve_length", {})
     if not found:
         return []
-    chosen = results.get("chosen_teacher", {})
-    short = chosen if chosen.get("teacher") == results["curve_teacher"] else results  # the curves' teacher's runs
+    short = teacher_part(results, results["curve_teacher"])
     first = next(iter(found.values()))
     lines = [f"## The answer at {cfg.distill.steps} and at {first['step']:,} steps", "",
              (f"Each change of an absolute gap that the answer states, under the "
